@@ -1,0 +1,202 @@
+"""Launch SGLang's stock OpenAI-compatible server with the enhanced features wired in.
+
+``launch_enhanced_server.py --config CFG --model MODEL [--port P] [--enable-expert-tracking]
+[--plan] [every sglang.launch_server argument]``
+
+Order of precedence for a server setting: the command line, then the YAML file's
+``inference`` / ``server`` sections, then SGLang's defaults. ``--model`` is an alias
+of SGLang's ``--model-path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from sglang.srt.enhanced.config import EnhancedConfig
+from sglang.srt.enhanced.errors import EnhancedError
+from sglang.srt.enhanced.settings import LaunchSettings
+
+logger = logging.getLogger(__name__)
+
+# YAML key -> ServerArgs field. Keys absent here are reported as ignored.
+INFERENCE_TO_SERVER_ARGS = {
+    "max_seq_length": "context_length",
+    "max_batch_size": "max_running_requests",
+    "dtype": "dtype",
+}
+SERVER_TO_SERVER_ARGS = {"host": "host", "port": "port"}
+
+# What CPU mode sets unless the command line says otherwise.
+CPU_DEFAULTS = {
+    "attention_backend": "torch_native",
+    "disable_cuda_graph": True,
+    "enable_p2p_check": True,
+    "mem_fraction_static": 0.05,
+}
+
+
+def rewrite_model_alias(argv: Sequence[str]) -> list[str]:
+    """Accept ``--model X`` / ``--model=X`` as SGLang's ``--model-path``."""
+    out = []
+    for token in argv:
+        if token == "--model":
+            out.append("--model-path")
+        elif token.startswith("--model="):
+            out.append("--model-path=" + token.split("=", 1)[1])
+        else:
+            out.append(token)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """SGLang's server arguments plus the enhanced ones."""
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(
+        prog="launch_enhanced_server.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    group = parser.add_argument_group("sglang-enhanced")
+    group.add_argument("--config", type=Path, default=None,
+                       help="mixed-precision YAML (without it every weight is read from --model)")
+    group.add_argument("--enable-expert-tracking", action="store_true",
+                       help="count expert activations per layer; served on /expert_stats")
+    group.add_argument("--plan", action="store_true",
+                       help="print the load plan (tensors and bytes per precision) and exit")
+    ServerArgs.add_cli_args(parser)
+    return parser
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """Destinations of the options that appear on the command line."""
+    by_option = parser._option_string_actions  # noqa: SLF001 - argparse keeps no public map
+    dests = set()
+    for token in argv:
+        if token.startswith("--"):
+            action = by_option.get(token.split("=", 1)[0])
+            if action is not None:
+                dests.add(action.dest)
+    return dests
+
+
+def apply_config_sections(args: argparse.Namespace, config: EnhancedConfig, explicit: set[str]) -> None:
+    """Map the YAML ``inference`` / ``server`` sections onto unset server arguments."""
+    for section_name, mapping in (("inference", INFERENCE_TO_SERVER_ARGS), ("server", SERVER_TO_SERVER_ARGS)):
+        section = getattr(config, section_name)
+        given = section.model_fields_set
+        for key in sorted(given):
+            if key == "unknown_keys":
+                continue
+            dest = mapping.get(key)
+            if dest is None:
+                logger.warning("config key %s.%s has no SGLang server equivalent; ignored", section_name, key)
+            elif dest not in explicit:
+                setattr(args, dest, getattr(section, key))
+        for key in sorted(getattr(section, "unknown_keys", {}) or {}):
+            logger.warning("config key %s.%s is not a known setting; ignored", section_name, key)
+
+
+def resolve_device(args: argparse.Namespace, explicit: set[str]) -> str:
+    """Pick the device (CUDA where visible, else CPU) and fill in CPU-mode defaults."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = device
+    if device == "cpu":
+        for dest, value in CPU_DEFAULTS.items():
+            if dest not in explicit:
+                setattr(args, dest, value)
+    return device
+
+
+def _serving_dtype(args: argparse.Namespace, config: EnhancedConfig):
+    import torch
+
+    if args.dtype and args.dtype != "auto":
+        return {"half": torch.float16, "float": torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
+    return config.inference.torch_dtype()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``launch_enhanced_server.py``; returns the exit status."""
+    argv = rewrite_model_alias(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = explicit_dests(parser, argv)
+    try:
+        return _launch(args, explicit)
+    except EnhancedError as e:
+        logger.error("cannot start: %s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _launch(args: argparse.Namespace, explicit: set[str]) -> int:
+    from sglang.srt.enhanced.mixed_precision.plan import format_plan
+    from sglang.srt.enhanced.mixed_precision.sglang_loader import (
+        MixedPrecisionModelLoader,
+        load_enhanced_config,
+        prepare_plan,
+    )
+
+    config = load_enhanced_config(args.config.resolve() if args.config else None, args.model_path)
+    if args.config is not None:
+        apply_config_sections(args, config, explicit)
+    plan, sources = prepare_plan(config, _serving_dtype(args, config))
+    for source in {id(s): s for s in sources.values()}.values():
+        source.close()
+    if args.plan:
+        print(format_plan(plan))
+        return 0
+    _check_model_folder(Path(args.model_path))
+    device = resolve_device(args, explicit)
+
+    from sglang.srt.server_args import ServerArgs
+
+    state_dir = Path(tempfile.mkdtemp(prefix="sglang-enhanced-")) if args.enable_expert_tracking else None
+    LaunchSettings(
+        config_path=args.config.resolve() if args.config else None,
+        expert_tracking=args.enable_expert_tracking,
+        state_dir=state_dir,
+    ).to_env()
+    server_args = ServerArgs.from_cli_args(args)
+    server_args.load_format = MixedPrecisionModelLoader
+    logger.info("serving %s on %s (%d weights planned)", args.model_path, device, len(plan))
+
+    from sglang.srt.entrypoints import http_server
+
+    launch_callback = None
+    if args.enable_expert_tracking:
+        from sglang.srt.enhanced.moe_tracker.surfaces.http import add_expert_stats_routes
+
+        launch_callback = add_expert_stats_routes(http_server.app, server_args, state_dir)
+    http_server.launch_server(server_args, launch_callback=launch_callback)
+    return 0
+
+
+def _check_model_folder(model_path: Path) -> None:
+    config_json = model_path / "config.json"
+    if not config_json.is_file():
+        raise EnhancedError("the model folder has no config.json", culprit=str(model_path))
+    import json
+
+    quant = json.loads(config_json.read_text()).get("quantization_config")
+    if quant:
+        raise EnhancedError(
+            "--model must be the unquantized release (its config.json declares quantization "
+            f"{quant.get('quant_method')!r}); give quantized folders in the YAML instead",
+            culprit=str(config_json),
+        )
+
+
+if __name__ == "__main__":
+    os._exit(main())

@@ -1,0 +1,76 @@
+"""CPU mode for stock SGLang 0.4.7: the import names it expects where there is no GPU.
+
+On a machine without CUDA, SGLang 0.4.7 imports ``vllm`` and ``sgl_kernel`` at
+import time (for names it never calls on the CPU path). This module installs a
+meta-path finder, *after* all real finders, that answers those imports with small
+stand-ins from ``sglang.srt.enhanced.cpu_mode.shims`` — but only when
+
+* no real ``vllm`` / ``sgl_kernel`` is installed (a real package is always found
+  first and is never shadowed),
+* CUDA is not available, and
+* ``SGLANG_ENHANCED_CPU_COMPAT`` is not ``0``.
+
+It is installed at interpreter start by ``sglang_enhanced_cpu_compat.pth`` and
+uses only the standard library until one of those imports actually happens.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from types import ModuleType
+
+_PROVIDED = {
+    "vllm": "vllm_root",
+    "vllm._custom_ops": "vllm_custom_ops",
+    "vllm.model_executor": "vllm_package",
+    "vllm.model_executor.layers": "vllm_package",
+    "vllm.model_executor.layers.activation": "vllm_activation",
+    "vllm.model_executor.layers.layernorm": "vllm_layernorm",
+    "sgl_kernel": "sgl_kernel_root",
+}
+
+
+def _enabled() -> bool:
+    if os.environ.get("SGLANG_ENHANCED_CPU_COMPAT", "1") == "0":
+        return False
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    return not torch.cuda.is_available()
+
+
+class _ShimLoader(importlib.abc.Loader):
+    def __init__(self, builder: str) -> None:
+        self.builder = builder
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return None
+
+    def exec_module(self, module: ModuleType) -> None:
+        shims = importlib.import_module("sglang.srt.enhanced.cpu_mode.shims")
+        getattr(shims, self.builder)(module)
+
+
+class CpuCompatFinder(importlib.abc.MetaPathFinder):
+    """Supplies the stand-in modules SGLang imports on a CPU-only machine."""
+
+    def find_spec(self, fullname: str, path=None, target=None):  # noqa: ANN001
+        builder = _PROVIDED.get(fullname)
+        if builder is None or not _enabled():
+            return None
+        is_package = builder in ("vllm_root", "vllm_package", "sgl_kernel_root")
+        spec = importlib.util.spec_from_loader(fullname, _ShimLoader(builder), is_package=is_package)
+        if is_package and spec is not None:
+            spec.submodule_search_locations = []
+        return spec
+
+
+def install() -> None:
+    """Append the finder to ``sys.meta_path`` once (after every real finder)."""
+    if not any(isinstance(f, CpuCompatFinder) for f in sys.meta_path):
+        sys.meta_path.append(CpuCompatFinder())
