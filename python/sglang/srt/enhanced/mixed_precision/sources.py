@@ -1,0 +1,289 @@
+"""One checkpoint folder of safetensors files: tensor index at open time, lazy reads after.
+
+A folder holds a single ``model.safetensors``, several ``*.safetensors`` files, or
+shards listed by ``model.safetensors.index.json`` (then only the files the index
+names are used). Construction reads only each file's header (names, dtypes,
+shapes, byte offsets), never tensor data. Reads go through one ``safe_open``
+handle per file, opened on first use and kept until :meth:`CheckpointSource.close`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from sglang.srt.enhanced.errors import EnhancedError
+
+if TYPE_CHECKING:
+    from sglang.srt.enhanced.config import EnhancedConfig, Precision
+    from sglang.srt.enhanced.mixed_precision.decoders.base import WeightDecoder
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["INDEX_FILE", "CheckpointSource", "StoredTensor", "open_sources", "read_header"]
+
+INDEX_FILE = "model.safetensors.index.json"
+_MAX_HEADER = 100 * 1024 * 1024
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "U16": torch.uint16,
+    "I16": torch.int16,
+    "U32": torch.uint32,
+    "I32": torch.int32,
+    "U64": torch.uint64,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Header entry of one stored tensor."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def read_header(file: Path) -> dict[str, StoredTensor]:
+    """Parse a safetensors header (8-byte little-endian length, then JSON) without reading data."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise EnhancedError("not a safetensors file (shorter than 8 bytes)", culprit=str(file))
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise EnhancedError(f"not a safetensors file (header length {n})", culprit=str(file))
+            raw = f.read(n)
+    except OSError as e:
+        raise EnhancedError(f"cannot read checkpoint file: {e.strerror or e}", culprit=str(file)) from e
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EnhancedError(f"corrupt safetensors header: {e}", culprit=str(file)) from e
+    if not isinstance(header, dict):
+        raise EnhancedError("corrupt safetensors header: not an object", culprit=str(file))
+    out: dict[str, StoredTensor] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in meta["data_offsets"])
+            out[name] = StoredTensor(
+                name, file, str(meta["dtype"]), tuple(int(d) for d in meta["shape"]), begin, end - begin
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise EnhancedError(f"corrupt header entry for tensor {name!r}", culprit=str(file)) from e
+    return out
+
+
+class CheckpointSource:
+    """Tensor index and lazy reader of one checkpoint folder.
+
+    ``decoder`` overrides the one chosen from the folder's quantization config.
+    """
+
+    def __init__(self, folder: str | Path, decoder: WeightDecoder | None = None) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise EnhancedError("checkpoint folder does not exist", culprit=str(self.folder))
+        self._decoder = decoder
+        self._logical: dict[str, tuple[str, ...]] | None = None
+        self._handles: dict[Path, Any] = {}
+        self._tensors = self._index()
+        self.files: tuple[Path, ...] = tuple(dict.fromkeys(t.file for t in self._tensors.values()))
+        logger.debug(
+            "checkpoint %s: %d tensors in %d files", self.folder, len(self._tensors), len(self.files)
+        )
+
+    def _index(self) -> dict[str, StoredTensor]:
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            return self._index_from_json(index)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise EnhancedError("no *.safetensors files in checkpoint folder", culprit=str(self.folder))
+        tensors: dict[str, StoredTensor] = {}
+        for file in files:
+            for name, info in sorted(read_header(file).items(), key=lambda kv: kv[1].offset):
+                if name in tensors:
+                    raise EnhancedError(
+                        f"tensor stored twice: in {tensors[name].file.name} and {file.name}", culprit=name
+                    )
+                tensors[name] = info
+        return tensors
+
+    def _index_from_json(self, index: Path) -> dict[str, StoredTensor]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise EnhancedError(f"unreadable index: {e}", culprit=str(index)) from e
+        by_file: dict[str, list[str]] = {}
+        for name, file_name in weight_map.items():
+            by_file.setdefault(str(file_name), []).append(name)
+        tensors: dict[str, StoredTensor] = {}
+        for file_name in sorted(by_file):
+            file = self.folder / file_name
+            if not file.is_file():
+                raise EnhancedError(
+                    f"{INDEX_FILE} lists {len(by_file[file_name])} tensors in a file that does not exist",
+                    culprit=str(file),
+                )
+            header = read_header(file)
+            for name in by_file[file_name]:
+                if name not in header:
+                    raise EnhancedError(
+                        f"{INDEX_FILE} places this tensor in {file_name}, which does not hold it",
+                        culprit=name,
+                    )
+            unlisted = len(header) - len(by_file[file_name])
+            if unlisted:
+                logger.debug("%s: %d tensors not listed in %s are ignored", file, unlisted, INDEX_FILE)
+            for name in sorted(by_file[file_name], key=lambda n: header[n].offset):
+                tensors[name] = header[name]
+        return tensors
+
+    # -- stored tensors ---------------------------------------------------------------------------
+
+    @property
+    def stored_names(self) -> tuple[str, ...]:
+        """Stored tensor names in checkpoint order (file, then offset)."""
+        return tuple(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def info(self, name: str) -> StoredTensor:
+        """Header entry of a stored tensor."""
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise EnhancedError(f"no such tensor in checkpoint {self.folder}", culprit=name) from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        info = self.info(name)
+        try:
+            return _TORCH_DTYPES[info.dtype]
+        except KeyError:
+            raise EnhancedError(f"unsupported safetensors dtype {info.dtype}", culprit=name) from None
+
+    def nbytes(self, name: str) -> int:
+        """Bytes the tensor takes on disk."""
+        return self.info(name).nbytes
+
+    def file_of(self, name: str) -> Path:
+        return self.info(name).file
+
+    def read(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Read one stored tensor and move it to ``device``."""
+        file = self.file_of(name)
+        handle = self._handles.get(file)
+        if handle is None:
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise EnhancedError(f"cannot open checkpoint file: {e}", culprit=str(file)) from e
+            self._handles[file] = handle
+        tensor = handle.get_tensor(name)
+        return tensor if torch.device(device).type == "cpu" else tensor.to(device)
+
+    @property
+    def open_files(self) -> tuple[Path, ...]:
+        """Files with an open read handle."""
+        return tuple(self._handles)
+
+    def close(self) -> None:
+        """Drop every read handle (later reads reopen files)."""
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- logical weights --------------------------------------------------------------------------
+
+    @property
+    def decoder(self) -> WeightDecoder:
+        """The decoder for this checkpoint's format."""
+        if self._decoder is None:
+            from sglang.srt.enhanced.mixed_precision.decoders.registry import decoder_for_checkpoint
+
+            self._decoder = decoder_for_checkpoint(self.folder)
+        return self._decoder
+
+    def logical_names(self) -> dict[str, tuple[str, ...]]:
+        """Logical weight name -> the stored tensors it decodes from, in checkpoint order."""
+        if self._logical is None:
+            logical = self.decoder.logical_names(self.stored_names)
+            for name, parts in logical.items():
+                if not parts:
+                    raise EnhancedError("decoder gives no stored tensors for this weight", culprit=name)
+                for part in parts:
+                    if part not in self._tensors:
+                        raise EnhancedError(
+                            f"decoder names a stored tensor {part!r} that does not exist", culprit=name
+                        )
+            first = {n: i for i, n in enumerate(self._tensors)}
+            self._logical = dict(sorted(logical.items(), key=lambda kv: min(first[p] for p in kv[1])))
+        return self._logical
+
+    def part_shapes(self, logical_name: str) -> dict[str, tuple[int, ...]]:
+        """Shapes of the stored parts of one logical weight."""
+        return {p: self.shape(p) for p in self.logical_names()[logical_name]}
+
+    def __repr__(self) -> str:
+        return (
+            f"CheckpointSource({str(self.folder)!r}, {len(self._tensors)} tensors, {len(self.files)} files)"
+        )
+
+
+def open_sources(config: EnhancedConfig) -> dict[Precision, CheckpointSource]:
+    """Open the folder of every precision the config uses; precisions sharing a folder share a source.
+
+    A missing or empty folder raises ``EnhancedError`` naming the config key and the folder.
+    """
+    sources: dict[Precision, CheckpointSource] = {}
+    by_folder: dict[Path, CheckpointSource] = {}
+    for precision, folder in config.source_paths().items():
+        key = folder.resolve()
+        if key not in by_folder:
+            where = (
+                f"mixed_precision.{precision.path_key}"
+                if config.mixed_precision.explicit_path(precision) is not None
+                else "the model folder"
+            )
+            try:
+                by_folder[key] = CheckpointSource(folder)
+            except EnhancedError as e:
+                raise EnhancedError(f"{where} ({precision}): {e.msg}", culprit=e.culprit) from e
+        sources[precision] = by_folder[key]
+    return sources
