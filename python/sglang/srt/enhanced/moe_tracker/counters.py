@@ -1,0 +1,218 @@
+"""Expert counters on the routers' device: a graph-safe staging buffer and folded totals.
+
+One forward pass goes::
+
+    record(layer, topk_ids)  # per MoE layer; one copy into a preallocated buffer, capture-safe
+    fold(num_tokens, phase)  # once, outside graphs: histogram of the pass, added to the totals
+
+``record`` allocates nothing, never syncs and calls no histogram op, so it may run inside
+CUDA-graph capture. ``fold`` builds one ``[layers, experts + 1]`` histogram with
+``scatter_add_`` (padding ids ``-1`` and out-of-range ids land in the extra column) and
+updates the totals with device ops only; nothing is read back to the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from sglang.srt.enhanced.errors import EnhancedError
+from sglang.srt.enhanced.moe_tracker.snapshot import PHASES
+
+EMPTY = -1
+
+
+class ExpertCounters:
+    """Per (phase, layer, expert) token and activation counters on one device.
+
+    ``routing_layers``/``routing_experts``/``top_k`` fix the shape of the per-pass staging
+    buffer ``[routing_layers, capacity, top_k]`` (int32, ``-1`` = empty). ``capacity`` starts
+    at ``max_tokens``; that *primary* buffer is never reallocated, so CUDA graphs captured
+    against it stay valid. A pass with more tokens uses a separate *overflow* buffer (grown as
+    needed); such passes must run eagerly.
+
+    The totals can grow past the routing shape (host-path records of new layers/experts);
+    :meth:`grow` reallocates them, never the staging buffers.
+    """
+
+    def __init__(
+        self,
+        routing_layers: int,
+        routing_experts: int,
+        top_k: int,
+        max_tokens: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        for name, value in (
+            ("num_layers", routing_layers),
+            ("num_experts", routing_experts),
+            ("top_k", top_k),
+            ("max_tokens", max_tokens),
+        ):
+            if value < 0:
+                raise EnhancedError(f"{name} must be >= 0, got {value}", culprit=name)
+        self.device = torch.device(device)
+        self.routing_layers = routing_layers
+        self.routing_experts = routing_experts
+        self.top_k = top_k
+        self.routing_enabled = routing_layers > 0 and routing_experts > 0 and top_k > 0
+        self._primary = self._new_staging(max_tokens)
+        self._overflow: torch.Tensor | None = None
+        self._active = self._primary
+        self._primary_rows = list(self._primary.unbind(0))
+        self._overflow_rows: list[torch.Tensor] = []
+        self._layer_rows = self._primary_rows
+        self._hist = torch.zeros(
+            routing_layers * (routing_experts + 1), dtype=torch.int64, device=self.device
+        )
+        self._one = torch.ones(1, dtype=torch.int64, device=self.device)
+        self._offsets = (
+            torch.arange(routing_layers, dtype=torch.int64, device=self.device) * (routing_experts + 1)
+        ).view(-1, 1)
+        self.num_layers = 0
+        self.num_experts = 0
+        self._alloc_totals(routing_layers, routing_experts)
+
+    # ------------------------------------------------------------------ staging
+    @property
+    def capacity(self) -> int:
+        """Rows (tokens) of the primary staging buffer."""
+        return self._primary.shape[1]
+
+    def select(self, num_tokens: int) -> None:
+        """Pick the staging buffer for a pass of ``num_tokens`` rows (host side, outside graphs)."""
+        if num_tokens <= self.capacity:
+            self._use_primary()
+            return
+        if self._overflow is None or self._overflow.shape[1] < num_tokens:
+            self._overflow, self._overflow_rows = None, []
+            self._overflow = self._new_staging(_round_up(num_tokens, 256))
+            self._overflow_rows = list(self._overflow.unbind(0))
+        self._active, self._layer_rows = self._overflow, self._overflow_rows
+
+    def record(self, layer_id: int, topk_ids: torch.Tensor) -> None:
+        """Stage one layer's ``[num_tokens, k]`` expert ids (``k <= top_k``) with one copy.
+
+        Capture-safe: a copy into a slice of the buffer selected for this pass. Rows beyond
+        the pass's tokens (graph padding) are written but ignored by :meth:`fold`.
+        """
+        try:
+            rows = self._layer_rows[layer_id]
+        except IndexError:
+            raise EnhancedError(
+                f"layer {layer_id} is outside the {self.routing_layers} routing layers",
+                culprit=(layer_id, None),
+            ) from None
+        n, k = topk_ids.shape
+        if n > rows.shape[0] or k > self.top_k:
+            raise EnhancedError(
+                f"topk_ids of shape {tuple(topk_ids.shape)} exceed the staging buffer "
+                f"[{rows.shape[0]}, {self.top_k}]; raise max_tokens or begin the pass with more tokens",
+                culprit=(layer_id, None),
+            )
+        if self._active is not self._primary and _is_capturing(self.device):
+            raise EnhancedError(
+                f"a CUDA graph is being captured with {n} tokens, more than max_tokens={self.capacity}",
+                culprit=(layer_id, None),
+            )
+        rows[:n, :k].copy_(topk_ids, non_blocking=True)
+
+    def fold(self, num_tokens: int, phase: int, now: float, clear_rows: int | None = None) -> None:
+        """Add the histogram of rows ``[:num_tokens]`` of the staged pass to the totals.
+
+        ``clear_rows`` (default ``num_tokens``) rows are then reset to ``-1`` for the next pass.
+        No host sync.
+        """
+        buf = self._active
+        num_tokens = min(num_tokens, buf.shape[1])
+        if num_tokens > 0:
+            nl, ne = self.routing_layers, self.routing_experts
+            ids = buf[:, :num_tokens].reshape(nl, -1).long()
+            ids = torch.where((ids >= 0) & (ids < ne), ids, ne) + self._offsets
+            self._hist.zero_()
+            self._hist.scatter_add_(0, ids.view(-1), self._one.expand(ids.numel()))
+            hist = self._hist.view(nl, ne + 1)[:, :ne]
+            hit = hist > 0
+            self.tokens[phase, :nl, :ne] += hist
+            self.activations[phase, :nl, :ne] += hit
+            self.lifetime_tokens[phase, :nl, :ne] += hist
+            self.lifetime_activations[phase, :nl, :ne] += hit
+            self.last_activation_time[:nl, :ne].masked_fill_(hit, now)
+        clear = min(max(num_tokens, clear_rows or 0), buf.shape[1])
+        if clear > 0:
+            buf[:, :clear].fill_(EMPTY)
+        self._use_primary()
+
+    def discard(self, clear_rows: int) -> None:
+        """Drop a staged pass without counting it."""
+        buf = self._active
+        clear = min(clear_rows, buf.shape[1])
+        if clear > 0:
+            buf[:, :clear].fill_(EMPTY)
+        self._use_primary()
+
+    def staged(self) -> torch.Tensor:
+        """The staging buffer of the current pass (for inspection and tests)."""
+        return self._active
+
+    # ------------------------------------------------------------------ totals
+    def add(self, layer_id: int, expert_id: int, tokens: int, phase: int, now: float) -> None:
+        """Host path: one activation of ``(layer_id, expert_id)`` with ``tokens`` tokens."""
+        self.grow(layer_id + 1, expert_id + 1)
+        self.tokens[phase, layer_id, expert_id] += tokens
+        self.activations[phase, layer_id, expert_id] += 1
+        self.lifetime_tokens[phase, layer_id, expert_id] += tokens
+        self.lifetime_activations[phase, layer_id, expert_id] += 1
+        self.last_activation_time[layer_id, expert_id] = now
+
+    def grow(self, num_layers: int, num_experts: int) -> None:
+        """Enlarge the totals to at least ``[num_layers, num_experts]``, keeping their values."""
+        if num_layers <= self.num_layers and num_experts <= self.num_experts:
+            return
+        old = self._totals()
+        self._alloc_totals(max(num_layers, self.num_layers), max(num_experts, self.num_experts))
+        for name, tensor in old.items():
+            getattr(self, name)[..., : tensor.shape[-2], : tensor.shape[-1]].copy_(tensor)
+
+    def reset(self) -> None:
+        """Zero the resettable totals; lifetime totals are kept."""
+        self.tokens.zero_()
+        self.activations.zero_()
+        self.last_activation_time.zero_()
+
+    def to_cpu(self) -> dict[str, torch.Tensor]:
+        """CPU copies of all totals (this syncs with the device)."""
+        return {name: t.to("cpu", copy=True) for name, t in self._totals().items()}
+
+    # ------------------------------------------------------------------ internals
+    def _totals(self) -> dict[str, torch.Tensor]:
+        return {
+            "tokens": self.tokens,
+            "activations": self.activations,
+            "lifetime_tokens": self.lifetime_tokens,
+            "lifetime_activations": self.lifetime_activations,
+            "last_activation_time": self.last_activation_time,
+        }
+
+    def _alloc_totals(self, num_layers: int, num_experts: int) -> None:
+        shape = (len(PHASES), num_layers, num_experts)
+        self.tokens = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        self.activations = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        self.lifetime_tokens = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        self.lifetime_activations = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        self.last_activation_time = torch.zeros(shape[1:], dtype=torch.float64, device=self.device)
+        self.num_layers, self.num_experts = num_layers, num_experts
+
+    def _use_primary(self) -> None:
+        self._active, self._layer_rows = self._primary, self._primary_rows
+
+    def _new_staging(self, rows: int) -> torch.Tensor:
+        return torch.full(
+            (self.routing_layers, rows, self.top_k), EMPTY, dtype=torch.int32, device=self.device
+        )
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+def _is_capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

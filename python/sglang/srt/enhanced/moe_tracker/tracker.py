@@ -1,0 +1,286 @@
+"""ExpertActivationTracker: counts which experts each MoE router picks, per layer and phase.
+
+Two ways in:
+
+- the batched device path for routers, per forward pass::
+
+      tracker.begin_pass(num_tokens, is_decode)     # host, outside CUDA graphs
+      tracker.record_routing(layer_id, topk_ids)    # per MoE layer; capture-safe, one copy
+      tracker.end_pass(real_num_tokens)             # host, outside graphs; no host sync
+
+- the host path of the original API: ``record_expert_activation`` / ``record_request``.
+
+Reports are built on the host from a :class:`TrackerSnapshot` (see ``stats.py``), so a
+server process can report on snapshots taken in other processes.
+
+Semantics per (layer, expert): ``activation_count`` = passes in which the expert got at
+least one token; ``total_tokens_processed`` = tokens routed to it; ``last_activation_time``
+= ``time.time()`` at the end of its last active pass.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from sglang.srt.enhanced.errors import EnhancedError
+from sglang.srt.enhanced.moe_tracker import stats as _stats
+from sglang.srt.enhanced.moe_tracker.counters import ExpertCounters
+from sglang.srt.enhanced.moe_tracker.snapshot import DECODE, PHASES, PREFILL, TrackerSnapshot
+
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_REQUESTS = 10_000
+
+
+class ExpertActivationTracker:
+    """Expert activation counters of one process.
+
+    ``num_layers``/``num_experts``/``top_k``/``max_tokens``/``device`` size the device path's
+    buffers; they may all be 0 for a host-path-only tracker, which grows as records arrive.
+    ``layer_ids`` names the MoE layers to report (default: all ``num_layers``); layers
+    recorded through the host path are added. ``max_requests`` bounds the request records
+    kept (oldest dropped first).
+
+    Host-side mutations and snapshots hold one lock; ``record_routing`` takes none (it only
+    copies into the buffer chosen by ``begin_pass``).
+    """
+
+    def __init__(
+        self,
+        num_layers: int = 0,
+        num_experts: int = 0,
+        top_k: int = 0,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        device: torch.device | str = "cpu",
+        layer_ids: Sequence[int] | None = None,
+        max_requests: int = DEFAULT_MAX_REQUESTS,
+    ) -> None:
+        self._counters = ExpertCounters(num_layers, num_experts, top_k, max_tokens, device)
+        if layer_ids is None:
+            layer_ids = range(num_layers)
+        bad = [i for i in layer_ids if i < 0 or (num_layers > 0 and i >= num_layers)]
+        if bad:
+            raise EnhancedError(f"layer ids {bad} are outside [0, {num_layers})", culprit=(bad[0], None))
+        self.top_k = top_k
+        self._layer_ids: set[int] = set(layer_ids)
+        self._lock = threading.Lock()
+        self._requests: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._max_requests = max_requests
+        self._num_passes = [0, 0]
+        self._lifetime_passes = [0, 0]
+        self._created_time = self._start_time = time.time()
+        self._pass: tuple[int, int] | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self._counters.device
+
+    @property
+    def num_layers(self) -> int:
+        return self._counters.num_layers
+
+    @property
+    def num_experts(self) -> int:
+        return self._counters.num_experts
+
+    @property
+    def max_tokens(self) -> int:
+        """Tokens per pass that fit the primary (CUDA-graph-safe) staging buffer."""
+        return self._counters.capacity
+
+    @property
+    def routing_shape(self) -> tuple[int, int, int]:
+        """``(num_layers, num_experts, top_k)`` the device path was sized for."""
+        c = self._counters
+        return c.routing_layers, c.routing_experts, c.top_k
+
+    @property
+    def in_pass(self) -> bool:
+        return self._pass is not None
+
+    # ------------------------------------------------------------------ device path
+    def begin_pass(self, num_tokens: int, is_decode: bool) -> None:
+        """Start a forward pass of ``num_tokens`` rows (include CUDA-graph padding rows here).
+
+        Host side, outside graph capture. A pass larger than ``max_tokens`` stages into a
+        separate, growable buffer and must run eagerly.
+        """
+        if num_tokens < 0:
+            raise EnhancedError(f"num_tokens must be >= 0, got {num_tokens}", culprit="num_tokens")
+        with self._lock:
+            if not self._counters.routing_enabled:
+                raise EnhancedError(
+                    "the device path needs num_layers, num_experts and top_k > 0", culprit="tracker"
+                )
+            if self._pass is not None:
+                raise EnhancedError("begin_pass called again before end_pass", culprit="tracker")
+            self._counters.select(num_tokens)
+            self._pass = (num_tokens, DECODE if is_decode else PREFILL)
+
+    def record_routing(self, layer_id: int, topk_ids: torch.Tensor) -> None:
+        """Stage the router's choice ``topk_ids`` ``[num_tokens, top_k]`` of MoE layer ``layer_id``.
+
+        Safe inside CUDA-graph capture: one copy into a preallocated buffer, no allocation, no
+        sync, no histogram. Ids ``< 0`` (padding) or ``>= num_experts`` are ignored when the
+        pass is folded. Every MoE layer must record every row of the pass's real tokens.
+        """
+        self._counters.record(layer_id, topk_ids)
+
+    def end_pass(self, num_tokens: int | None = None) -> None:
+        """Fold the pass into the totals, counting only its first ``num_tokens`` rows.
+
+        ``num_tokens`` defaults to the count given to :meth:`begin_pass`; pass the real token
+        count to leave out CUDA-graph padding rows. Host side, outside graphs; no host sync.
+        """
+        with self._lock:
+            if self._pass is None:
+                raise EnhancedError("end_pass called without begin_pass", culprit="tracker")
+            begun, phase = self._pass
+            count = begun if num_tokens is None else num_tokens
+            if not 0 <= count <= begun:
+                self._counters.discard(begun)
+                self._pass = None
+                raise EnhancedError(
+                    f"end_pass num_tokens={count} is outside [0, {begun}] (begin_pass)", culprit="num_tokens"
+                )
+            self._counters.fold(count, phase, time.time(), clear_rows=begun)
+            if count > 0:
+                self._num_passes[phase] += 1
+                self._lifetime_passes[phase] += 1
+            self._pass = None
+
+    def abort_pass(self) -> None:
+        """Drop the current pass (e.g. its forward raised) without counting it."""
+        with self._lock:
+            if self._pass is not None:
+                self._counters.discard(self._pass[0])
+                self._pass = None
+
+    # ------------------------------------------------------------------ host path
+    def record_expert_activation(
+        self,
+        layer_id: int,
+        expert_id: int,
+        tokens_processed: int = 1,
+        request_id: str | None = None,
+        *,
+        is_decode: bool = False,
+    ) -> None:
+        """Record one activation of ``(layer_id, expert_id)`` that processed ``tokens_processed`` tokens.
+
+        Grows the counters for unseen layers/experts. ``tokens_processed == 0`` records no
+        activation (an activation needs at least one token). With ``request_id`` the
+        request's record counts the activation too.
+        """
+        if layer_id < 0 or expert_id < 0:
+            raise EnhancedError("layer and expert ids must be >= 0", culprit=(layer_id, expert_id))
+        if tokens_processed < 0:
+            raise EnhancedError(
+                f"tokens_processed must be >= 0, got {tokens_processed}", culprit=(layer_id, expert_id)
+            )
+        now = time.time()
+        with self._lock:
+            if tokens_processed > 0:
+                self._counters.add(
+                    layer_id, expert_id, tokens_processed, DECODE if is_decode else PREFILL, now
+                )
+                self._layer_ids.add(layer_id)
+            if request_id is not None:
+                record = self._request_record(request_id, now)
+                record["expert_activations"] += 1 if tokens_processed > 0 else 0
+                record["tokens_routed"] += tokens_processed
+
+    def record_request(self, request_id: str, input_length: int, output_length: int) -> None:
+        """Record a finished request's prompt and output lengths."""
+        if input_length < 0 or output_length < 0:
+            raise EnhancedError(
+                f"lengths must be >= 0, got input {input_length}, output {output_length}", culprit=request_id
+            )
+        now = time.time()
+        with self._lock:
+            record = self._request_record(request_id, now)
+            record.update(input_length=int(input_length), output_length=int(output_length), time=now)
+
+    # ------------------------------------------------------------------ reports
+    def snapshot(self) -> TrackerSnapshot:
+        """A CPU copy of all counters (syncs with the device)."""
+        with self._lock:
+            totals = self._counters.to_cpu()
+            return TrackerSnapshot(
+                num_layers=self._counters.num_layers,
+                num_experts=self._counters.num_experts,
+                top_k=self.top_k,
+                layer_ids=sorted(self._layer_ids),
+                num_passes=dict(zip(PHASES, self._num_passes, strict=True)),
+                lifetime_passes=dict(zip(PHASES, self._lifetime_passes, strict=True)),
+                requests=[dict(r) for r in self._requests.values()],
+                start_time=self._start_time,
+                created_time=self._created_time,
+                snapshot_time=time.time(),
+                **totals,
+            )
+
+    def get_expert_stats(self, layer_id: int | None = None, expert_id: int | None = None) -> dict[str, Any]:
+        """Statistics in the documented JSON structure; see :func:`stats.expert_activation_stats`."""
+        return _stats.expert_activation_stats(self.snapshot(), layer_id=layer_id, expert_id=expert_id)
+
+    def get_top_experts(self, top_k: int = 10) -> list[dict[str, Any]]:
+        """The ``top_k`` experts with the most tokens (ties: lower layer, then lower expert first)."""
+        return _stats.top_experts(self.snapshot(), top_k=top_k)
+
+    def get_layer_stats(self) -> dict[int, dict[str, Any]]:
+        """Per-layer statistics keyed by the integer layer id."""
+        return {int(k): v for k, v in _stats.layer_stats(self.snapshot()).items()}
+
+    def reset_stats(self) -> None:
+        """Zero the resettable counters and request records; lifetime totals are kept."""
+        with self._lock:
+            self._counters.reset()
+            self._num_passes = [0, 0]
+            self._requests.clear()
+            self._start_time = time.time()
+
+    def export_stats(self, file_path: str) -> None:
+        """Write the statistics to ``file_path`` (.json, .csv or .png; other names get JSON)."""
+        from sglang.srt.enhanced.moe_tracker.export import export_stats
+
+        export_stats(self.snapshot(), file_path)
+
+    # ------------------------------------------------------------------ internals
+    def _request_record(self, request_id: str, now: float) -> dict[str, Any]:
+        record = self._requests.get(request_id)
+        if record is None:
+            record = {
+                "request_id": request_id,
+                "input_length": None,
+                "output_length": None,
+                "time": now,
+                "expert_activations": 0,
+                "tokens_routed": 0,
+            }
+            self._requests[request_id] = record
+            while len(self._requests) > self._max_requests:
+                self._requests.popitem(last=False)
+        else:
+            self._requests.move_to_end(request_id)
+        return record
+
+
+_GLOBAL_TRACKER: ExpertActivationTracker | None = None
+
+
+def get_global_expert_tracker() -> ExpertActivationTracker | None:
+    """The process-wide tracker, or None when expert tracking is off."""
+    return _GLOBAL_TRACKER
+
+
+def set_global_expert_tracker(tracker: ExpertActivationTracker | None) -> None:
+    """Install (or with None, remove) the process-wide tracker."""
+    global _GLOBAL_TRACKER
+    _GLOBAL_TRACKER = tracker
