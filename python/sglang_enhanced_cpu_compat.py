@@ -10,6 +10,11 @@ stand-ins from ``sglang.srt.enhanced.cpu_mode.shims`` — but only when
 * CUDA is not available, and
 * ``SGLANG_ENHANCED_CPU_COMPAT`` is not ``0``.
 
+Under the same conditions, once SGLang's fused-MoE layer module is imported, its
+unquantized MoE is routed to SGLang's torch-native path
+(``sglang.srt.enhanced.cpu_mode.moe``), so a stock ``sglang.launch_server --device
+cpu`` serves MoE models too.
+
 It is installed at interpreter start by ``sglang_enhanced_cpu_compat.pth`` and
 uses only the standard library until one of those imports actually happens.
 """
@@ -70,7 +75,42 @@ class CpuCompatFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
+_MOE_LAYER = "sglang.srt.layers.moe.fused_moe_triton.layer"
+
+
+class _AfterExecLoader(importlib.abc.Loader):
+    """Runs the real loader, then the CPU-mode MoE routing."""
+
+    def __init__(self, real: importlib.abc.Loader) -> None:
+        self.real = real
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.real.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.real.exec_module(module)
+        importlib.import_module("sglang.srt.enhanced.cpu_mode.moe").route_moe_to_native()
+
+
+class MoeRoutingFinder(importlib.abc.MetaPathFinder):
+    """Wraps the import of SGLang's fused-MoE layer module in CPU mode."""
+
+    def find_spec(self, fullname: str, path=None, target=None):  # noqa: ANN001
+        if fullname != _MOE_LAYER or not _enabled():
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _AfterExecLoader(spec.loader)
+                return spec
+        return None
+
+
 def install() -> None:
-    """Append the finder to ``sys.meta_path`` once (after every real finder)."""
+    """Add the finders to ``sys.meta_path`` once: stand-ins last, the MoE wrapper first."""
     if not any(isinstance(f, CpuCompatFinder) for f in sys.meta_path):
         sys.meta_path.append(CpuCompatFinder())
+    if not any(isinstance(f, MoeRoutingFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, MoeRoutingFinder())

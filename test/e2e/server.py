@@ -1,0 +1,112 @@
+"""Start and stop real SGLang servers (ours or stock) for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+CPU_ARGS = ("--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
+            "--enable-p2p-check", "--mem-fraction-static", "0.05")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A server started in its own process group; ``stop()`` kills the whole group."""
+
+    def __init__(self, argv: Sequence[str], port: int, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            list(argv), stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
+            env={**os.environ, **(env or {})}, start_new_session=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 240.0) -> ServerProcess:
+        """Wait for /health and one finished generation; raise with the log tail otherwise."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if requests.get(self.base_url + "/health", timeout=5).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"server not ready after {timeout:.0f}s:\n{self.log()[-4000:]}")
+
+    def wait_exit(self, timeout: float = 180.0) -> int:
+        """For servers expected to refuse to start: their exit status."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=20)
+        if not self._log.closed:
+            self._log.close()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_enhanced(model: Path, log_dir: Path, *extra: str, config: Path | None = None,
+                   env: dict[str, str] | None = None, name: str = "enhanced") -> ServerProcess:
+    """``launch_enhanced_server.py`` on a free port (CPU mode is chosen automatically here)."""
+    port = free_port()
+    argv = [sys.executable, str(REPO / "launch_enhanced_server.py"), "--model", str(model),
+            "--port", str(port), "--host", "127.0.0.1", *extra]
+    if config is not None:
+        argv += ["--config", str(config)]
+    return ServerProcess(argv, port, log_dir / f"{name}-{port}.log", env)
+
+
+def start_stock(model: Path, log_dir: Path, *extra: str, name: str = "stock") -> ServerProcess:
+    """Stock ``python -m sglang.launch_server`` with SGLang's default loader, on CPU."""
+    port = free_port()
+    argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--port", str(port),
+            "--host", "127.0.0.1", *CPU_ARGS, *extra]
+    return ServerProcess(argv, port, log_dir / f"{name}-{port}.log")
+
+
+def prompt_logprobs(base_url: str, input_ids: list[int]) -> list[float]:
+    """Log-probabilities the server gives each prompt token (after the first)."""
+    r = requests.post(base_url + "/generate", json={
+        "input_ids": input_ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+        "return_logprob": True, "logprob_start_len": 0,
+    }, timeout=120)
+    r.raise_for_status()
+    return [lp for lp, _tok, _ in r.json()["meta_info"]["input_token_logprobs"][1:]]
