@@ -1,0 +1,66 @@
+"""Prometheus counters of tokens and activations per (layer, expert) on ``/metrics``.
+
+Only used with ``--enable-metrics``: SGLang then serves ``/metrics`` from its
+multiprocess registry. Before each scrape a fresh snapshot is taken and the
+counters are advanced to its lifetime (never reset) totals. ``prometheus_client``
+is imported only then, after SGLang has set ``PROMETHEUS_MULTIPROC_DIR``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+
+from sglang.srt.enhanced.errors import EnhancedError
+from sglang.srt.enhanced.moe_tracker.snapshot import PHASES, TrackerSnapshot
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertMetrics:
+    """``sglang_enhanced_expert_tokens_total`` / ``..._activations_total`` {layer, expert, phase}."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter
+
+        labels = ["layer", "expert", "phase"]
+        self.tokens = Counter("sglang_enhanced_expert_tokens", "Tokens routed to each expert", labels)
+        self.activations = Counter(
+            "sglang_enhanced_expert_activations", "Forward passes in which each expert got tokens", labels
+        )
+        self._exported: dict[tuple[str, int, int, int], int] = {}
+
+    def update(self, snap: TrackerSnapshot) -> None:
+        """Advance every counter to the snapshot's lifetime totals."""
+        for kind, counter, values in (
+            ("tokens", self.tokens, snap.lifetime_tokens),
+            ("activations", self.activations, snap.lifetime_activations),
+        ):
+            for p, phase in enumerate(PHASES):
+                for layer in snap.layer_ids:
+                    row = values[p, layer].tolist()
+                    for expert, total in enumerate(row):
+                        key = (kind, p, layer, expert)
+                        delta = total - self._exported.get(key, 0)
+                        if delta > 0:
+                            counter.labels(layer=str(layer), expert=str(expert), phase=phase).inc(delta)
+                            self._exported[key] = total
+
+
+def add_metrics_refresh(app: FastAPI, snapshot: Callable[[], Awaitable[TrackerSnapshot]]) -> None:
+    """Refresh the expert counters before ``/metrics`` answers."""
+    state: dict[str, Any] = {}
+
+    @app.middleware("http")
+    async def refresh_expert_metrics(request: Request, call_next):  # noqa: ANN001, ANN202
+        if request.url.path.startswith("/metrics"):
+            try:
+                snap = await snapshot()
+                metrics = state.get("metrics") or state.setdefault("metrics", ExpertMetrics())
+                metrics.update(snap)
+            except EnhancedError as e:
+                logger.warning("expert metrics not refreshed: %s", e)
+        return await call_next(request)
