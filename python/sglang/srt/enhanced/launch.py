@@ -174,12 +174,11 @@ def _launch(args: argparse.Namespace, explicit: set[str]) -> int:
 
     from sglang.srt.entrypoints import http_server
 
-    launch_callback = None
     if args.enable_expert_tracking:
         from sglang.srt.enhanced.moe_tracker.surfaces.http import add_expert_stats_routes
 
-        launch_callback = add_expert_stats_routes(http_server.app, server_args, state_dir)
-    http_server.launch_server(server_args, launch_callback=launch_callback)
+        add_expert_stats_routes(http_server.app, server_args, state_dir)
+    http_server.launch_server(server_args)
     return 0
 
 

@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from sglang.srt.enhanced.moe_tracker.export import FORMATS, render_export
 from sglang.srt.enhanced.moe_tracker.sglang_adapter import SNAPSHOT_PREFIX
 from sglang.srt.enhanced.moe_tracker.snapshot import TrackerSnapshot
 from sglang.srt.enhanced.moe_tracker.stats import expert_activation_stats
+from sglang.srt.enhanced.moe_tracker.surfaces.requests import record_finished_requests
 from sglang.srt.enhanced.moe_tracker.tracker import ExpertActivationTracker
 
 logger = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def add_expert_stats_routes(app: FastAPI, server_args: Any, state_dir: Path) -> Callable[[], None]:
-    """Add the routes to ``app``; returns the launch callback that starts request recording."""
+def add_expert_stats_routes(app: FastAPI, server_args: Any, state_dir: Path) -> None:
+    """Add the routes (and the recording of finished requests) to SGLang's ``app``."""
     requests = ExpertActivationTracker()  # request records only; counters live in the schedulers
     service = ExpertStatsService(state_dir, requests)
 
@@ -130,9 +130,9 @@ def add_expert_stats_routes(app: FastAPI, server_args: Any, state_dir: Path) -> 
 
         add_metrics_refresh(app, service.snapshot)
 
-    def start_request_recording() -> None:
-        from sglang.srt.enhanced.moe_tracker.surfaces.requests import record_finished_requests
-
+    @app.middleware("http")
+    async def record_requests(request: Request, call_next):  # noqa: ANN001, ANN202
+        # The tokenizer manager exists once the server runs; hook it before the first
+        # request is handled (SGLang's own warm-up request included).
         record_finished_requests(ExpertStatsService._tokenizer_manager(), requests)
-
-    return start_request_recording
+        return await call_next(request)
