@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Start SGLang with mixed-precision loading and expert tracking, or run the test suite.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${SGLANG_ENHANCED_VENV:-$ROOT/.venv}"
+PYTHON_BIN="${PYTHON:-python3}"
+
+usage() {
+    cat <<'EOF'
+Usage:
+  ./start_enhanced_server.sh                      set up .venv, build the demo checkpoints, serve the demo
+  ./start_enhanced_server.sh -m MODEL -c CONFIG [-p PORT] [--host HOST] [--device cuda|cpu] [-- SGLANG_ARGS...]
+  ./start_enhanced_server.sh --test [PYTEST_ARGS...]   set up what is missing and run the whole test suite
+  ./start_enhanced_server.sh --help
+
+Options:
+  -m, --model MODEL     folder of the unquantized (fp16/bf16) release: config.json, tokenizer, weights
+  -c, --config CONFIG   mixed-precision YAML (see mixed_precision_config.yaml)
+  -p, --port PORT       HTTP port (default: the YAML's server.port, else 8080)
+      --host HOST       bind address (default: the YAML's server.host, else 127.0.0.1)
+      --device DEVICE   cuda or cpu (default: cuda where an NVIDIA GPU is visible, else cpu)
+      --no-tracking     do not enable expert activation tracking (on by default here)
+  --                    everything after it goes to SGLang's server unchanged
+
+The first run creates .venv/ in the repository (the 'gpu' extra where an NVIDIA GPU is
+visible, else 'cpu') and installs this package into it; later runs reuse it and only
+reinstall the package when its sources changed. Set SGLANG_ENHANCED_VENV to use another
+environment.
+EOF
+}
+
+log() { printf '[start_enhanced_server] %s\n' "$*" >&2; }
+
+has_nvidia_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+source_hash() {
+    (cd "$ROOT" && find python pyproject.toml -type f \( -name '*.py' -o -name '*.pth' -o -name '*.toml' \) \
+        -not -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+}
+
+ensure_env() {
+    local extra deps_stamp src_stamp
+    extra="cpu"
+    if has_nvidia_gpu; then extra="gpu"; fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        log "creating virtual environment $VENV"
+        "$PYTHON_BIN" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+    fi
+    deps_stamp="$VENV/.sglang-enhanced-deps-$extra-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+    if [ ! -f "$deps_stamp" ]; then
+        log "installing sglang-enhanced[$extra,test] and its dependencies (first run takes a few minutes)"
+        "$VENV/bin/python" -m pip install -q "$ROOT[$extra,test]"
+        rm -f "$VENV"/.sglang-enhanced-deps-* "$VENV"/.sglang-enhanced-src-*
+        touch "$deps_stamp"
+    fi
+    src_stamp="$VENV/.sglang-enhanced-src-$(source_hash)"
+    if [ ! -f "$src_stamp" ]; then
+        log "installing the current sources of sglang-enhanced"
+        "$VENV/bin/python" -m pip install -q --no-deps --force-reinstall "$ROOT"
+        rm -f "$VENV"/.sglang-enhanced-src-*
+        touch "$src_stamp"
+    fi
+}
+
+build_demo() {
+    "$VENV/bin/python" -m sglang.srt.enhanced.tools.demo --out "$ROOT/demo" >/dev/null
+}
+
+run_tests() {
+    ensure_env
+    cd "$ROOT"
+    log "ruff check"
+    "$VENV/bin/python" -m ruff check .
+    log "pytest"
+    local status=0
+    "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" || status=$?
+    if [ "$status" -eq 5 ]; then
+        log "no tests were collected"
+        return 1
+    fi
+    return "$status"
+}
+
+MODEL="" CONFIG="" PORT="" HOST="" DEVICE="" TRACKING=1 MODE=serve
+EXTRA=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        --test) MODE=test; shift; break ;;
+        -m|--model) MODEL="$2"; shift 2 ;;
+        -c|--config) CONFIG="$2"; shift 2 ;;
+        -p|--port) PORT="$2"; shift 2 ;;
+        --host) HOST="$2"; shift 2 ;;
+        --device) DEVICE="$2"; shift 2 ;;
+        --no-tracking) TRACKING=0; shift ;;
+        --) shift; EXTRA=("$@"); break ;;
+        *) log "unknown argument: $1"; usage >&2; exit 2 ;;
+    esac
+done
+
+if [ "$MODE" = test ]; then
+    run_tests "$@"
+    exit $?
+fi
+
+ensure_env
+DEMO=0
+if [ -z "$MODEL" ] && [ -z "$CONFIG" ]; then
+    DEMO=1
+    log "building the demo checkpoints in $ROOT/demo (once)"
+    build_demo
+    MODEL="$ROOT/demo/bf16"
+    CONFIG="$ROOT/mixed_precision_config.yaml"
+elif [ -z "$MODEL" ] || [ -z "$CONFIG" ]; then
+    log "-m MODEL and -c CONFIG go together (or give neither to serve the demo)"
+    exit 2
+fi
+
+ARGS=(--model "$MODEL" --config "$CONFIG")
+[ -n "$PORT" ] && ARGS+=(--port "$PORT")
+[ -n "$HOST" ] && ARGS+=(--host "$HOST")
+[ -n "$DEVICE" ] && ARGS+=(--device "$DEVICE")
+[ "$TRACKING" = 1 ] && ARGS+=(--enable-expert-tracking)
+
+if [ "$DEMO" = 1 ]; then
+    URL="http://${HOST:-127.0.0.1}:${PORT:-8080}"
+    cat >&2 <<EOF
+[start_enhanced_server] serving the demo model on $URL once it is up. Try:
+  curl $URL/health
+  curl $URL/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "demo", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}'
+  curl "$URL/expert_stats?top_k=5"
+  curl -o expert_stats.png "$URL/expert_stats/export?format=png"
+EOF
+fi
+cd "$ROOT"
+exec "$VENV/bin/python" "$ROOT/launch_enhanced_server.py" "${ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
