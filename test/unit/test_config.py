@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+
 from sglang.srt.enhanced.config import EnhancedConfig, Precision
 from sglang.srt.enhanced.errors import EnhancedError
 

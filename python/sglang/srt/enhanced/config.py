@@ -50,6 +50,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
 from sglang.srt.enhanced.errors import EnhancedError
 
 if TYPE_CHECKING:

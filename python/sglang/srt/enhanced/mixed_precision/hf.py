@@ -1,7 +1,8 @@
 """Load a plan into a ``torch.nn.Module`` whose state_dict names are the checkpoint's names.
 
-This is the path for transformers models (``Qwen2MoeForCausalLM`` and friends), whose
-parameters are named exactly like the tensors of an unquantized checkpoint.
+This is the path for transformers 4.x models (``Qwen2MoeForCausalLM`` and friends), whose
+parameters are named exactly like the tensors of an unquantized checkpoint (one module per
+expert). Models that fuse experts into one parameter (transformers 5) do not match.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 import torch
+
 from sglang.srt.enhanced.config import Precision
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.plan import LoadPlan
@@ -86,11 +88,8 @@ def load_plan_into_module(
 
     never = [name for name, t in targets.items() if id(t) not in loaded]
     if never and strict:
-        raise EnhancedError(
-            f"{len(never)} parameters/buffers were not loaded: {never[:10]}"
-            + (" ..." if len(never) > 10 else ""),
-            culprit=never[0],
-        )
+        shown = never if len(never) <= 20 else [*never[:20], "..."]
+        raise EnhancedError(f"{len(never)} parameters/buffers were not loaded: {shown}", culprit=never[0])
     if never:
         logger.warning("%d parameters/buffers were not loaded (first: %s)", len(never), never[0])
     logger.info("%s", stats.summary_line())

@@ -37,6 +37,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+
 from sglang.srt.enhanced.config import EnhancedConfig, Precision, mapping_key_path
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.sources import CheckpointSource

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
+
 from sglang.srt.enhanced.errors import EnhancedError
 
 if TYPE_CHECKING:

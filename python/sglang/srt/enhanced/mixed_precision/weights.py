@@ -18,11 +18,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
+
 from sglang.srt.enhanced.config import Precision
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.plan import LoadPlan, PlanEntry, format_bytes
 from sglang.srt.enhanced.mixed_precision.sources import CheckpointSource
-from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
