@@ -66,6 +66,7 @@ CASES = [
     # bits, k, n, group_size, act_order, sym, zero_offset, config (BLOCK_N, BLOCK_K, warps)
     (4, 160, 40, 48, False, False, 1, (32, 64, 4)),  # partial tiles, groups cut across tiles
     (4, 256, 64, 128, False, True, 1, None),  # default config, tile inside one group
+    (4, 160, 24, 32, False, True, 0, (16, 64, 4)),  # tile spans whole groups, partial last tile
     (4, 96, 24, -1, False, False, 0, (16, 32, 4)),  # one group, gptq_v2
     (4, 128, 48, 32, True, False, 1, (32, 64, 4)),  # act-order g_idx
     (2, 192, 48, 64, True, True, 0, (32, 64, 4)),

@@ -15,11 +15,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.kernels.reference import gptq_dequant_ref
 
 # (BLOCK_N, BLOCK_K, num_warps) by bit width; tuned on H100 (benchmarks/NOTES_dequant.md).
 DEFAULT_CONFIG = {2: (64, 256, 4), 3: (32, 128, 4), 4: (64, 128, 4), 8: (64, 64, 4)}
+STREAM_OUT_DEFAULT = False  # store the output with evict-first (streaming) cache policy
 
 
 @triton.jit
@@ -115,7 +117,9 @@ def _gptq_dequant_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_G_IDX: tl.constexpr,
-    UNIFORM_GROUP: tl.constexpr,
+    GROUP_MODE: tl.constexpr,
+    GS: tl.constexpr,
+    STREAM_OUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     e = tl.program_id(1).to(tl.int64)
@@ -146,10 +150,18 @@ def _gptq_dequant_kernel(
         q = _gather_values(qw + offs_n[:, None] * sq_n, offs_k[None, :], sq_r, mask, BITS)
 
     # Zeros and scales of each element's group.
-    if UNIFORM_GROUP:
+    if GROUP_MODE == 1:  # the tile lies inside one group
         g = (pid_k * BLOCK_K) // group_size
         z = _gather_values(qz + g * sz_g, offs_n, sz_c, mask_n, BITS)[:, None]
         s = tl.load(sc + g * ss_g + offs_n * ss_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    elif GROUP_MODE == 2:  # the tile covers BLOCK_K // GS whole groups
+        GPT: tl.constexpr = BLOCK_K // GS
+        offs_g = (pid_k * BLOCK_K) // GS + tl.arange(0, GPT)
+        mask_g = mask_n[:, None] & (offs_g * GS < K)[None, :]
+        z = _gather_values(qz + offs_g[None, :] * sz_g, offs_n[:, None], sz_c, mask_g, BITS)
+        s = tl.load(sc + offs_g[None, :] * ss_g + offs_n[:, None] * ss_n, mask=mask_g, other=0.0)
+        z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, GPT, GS)), (BLOCK_N, BLOCK_K))
+        s = tl.reshape(tl.broadcast_to(s.to(tl.float32)[:, :, None], (BLOCK_N, GPT, GS)), (BLOCK_N, BLOCK_K))
     else:
         if HAS_G_IDX:
             g = tl.load(g_idx_ptr + e * sg_e + offs_k * sg_k, mask=mask_k, other=0)
@@ -159,11 +171,11 @@ def _gptq_dequant_kernel(
         s = tl.load(sc + g[None, :] * ss_g + offs_n[:, None] * ss_n, mask=mask, other=0.0).to(tl.float32)
 
     w = (q - z - zero_offset).to(tl.float32) * s
-    tl.store(
-        out_ptr + e * so_e + offs_n[:, None] * so_n + offs_k[None, :] * so_k,
-        w.to(out_ptr.dtype.element_ty),
-        mask=mask,
-    )
+    out_ptrs = out_ptr + e * so_e + offs_n[:, None] * so_n + offs_k[None, :] * so_k
+    if STREAM_OUT:
+        tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+    else:
+        tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _is_interpreted() -> bool:
@@ -210,9 +222,17 @@ def _check(qweight, qzeros, scales, g_idx, bits, group_size, batched) -> tuple[i
 
 def _launch(qweight, qzeros, scales, g_idx, out, bits, group_size, zero_offset, config, batched) -> None:
     e, n, k = out.shape[0] if batched else 1, out.shape[-2], out.shape[-1]
-    block_n, block_k, num_warps = config or DEFAULT_CONFIG[bits]
+    block_n, block_k, num_warps, *rest = config or DEFAULT_CONFIG[bits]
+    stream = bool(rest[0]) if rest else STREAM_OUT_DEFAULT
     gs = k if group_size == -1 or group_size >= k else group_size
-    uniform = g_idx is None and (gs % block_k == 0 or gs >= k)
+    if g_idx is not None:
+        mode = 0
+    elif gs % block_k == 0 or gs >= k:
+        mode = 1
+    elif block_k % gs == 0 and gs & (gs - 1) == 0:
+        mode = 2
+    else:
+        mode = 0
     if not batched:
         qweight, qzeros, scales, out = (t.unsqueeze(0) for t in (qweight, qzeros, scales, out))
         g_idx = g_idx.unsqueeze(0) if g_idx is not None else None
@@ -226,7 +246,7 @@ def _launch(qweight, qzeros, scales, g_idx, out, bits, group_size, zero_offset, 
         k, n, gs, zero_offset,
         *qweight.stride(), *qzeros.stride(), *scales.stride(), *g_strides, *out.stride(),
         BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_G_IDX=g_idx is not None, UNIFORM_GROUP=uniform,
+        HAS_G_IDX=g_idx is not None, GROUP_MODE=mode, GS=gs if mode == 2 else 1, STREAM_OUT=stream,
         num_warps=num_warps,
     )  # fmt: skip
 
@@ -268,7 +288,7 @@ def gptq_dequant(
     out_dtype: torch.dtype,
     out: torch.Tensor | None = None,
     use_triton: bool | None = None,
-    config: tuple[int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Dequantize one GPTQ matrix to ``[out_features, in_features]``.
 
@@ -276,7 +296,7 @@ def gptq_dequant(
     ``group_size`` -1 means one group; ``g_idx`` (act-order) overrides ``group_size``.
     ``out`` may be a strided view to write into (e.g. a slice of a fused parameter).
     ``use_triton``: None picks Triton for CUDA tensors and the torch reference otherwise;
-    True on CPU needs ``TRITON_INTERPRET=1``. ``config`` = (BLOCK_N, BLOCK_K, num_warps).
+    True on CPU needs ``TRITON_INTERPRET=1``. ``config`` = (BLOCK_N, BLOCK_K, num_warps[, stream]).
     """
     return _dispatch(qweight, qzeros, scales, g_idx, bits, group_size, zero_offset, out_dtype, out, use_triton,
                      config, batched=False)  # fmt: skip
@@ -294,7 +314,7 @@ def gptq_dequant_batched(
     out_dtype: torch.dtype,
     out: torch.Tensor | None = None,
     use_triton: bool | None = None,
-    config: tuple[int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Dequantize ``E`` stacked same-shape GPTQ matrices in one launch: ``[E, out, in]``.
 
