@@ -184,3 +184,37 @@ def test_misuse_raises() -> None:
     with pytest.raises(EnhancedError) as err:
         ExpertActivationTracker(2, 4, 2, layer_ids=[0, 2])
     assert err.value.culprit == (2, None)
+
+
+def test_host_records_grow_totals_without_breaking_device_path() -> None:
+    t = ExpertActivationTracker(2, 3, 1, max_tokens=4)
+    t.begin_pass(2, is_decode=False)
+    t.record_routing(1, ids([[2], [2]]))
+    t.end_pass()
+    t.record_expert_activation(4, 5, tokens_processed=3, is_decode=True)
+    assert (t.num_layers, t.num_experts) == (5, 6)
+    t.begin_pass(1, is_decode=False)
+    t.record_routing(1, ids([[0]]))
+    t.end_pass()
+    snap = t.snapshot()
+    assert snap.tokens[PREFILL, 1].tolist() == [1, 0, 2, 0, 0, 0]
+    assert snap.activations[PREFILL, 1].tolist() == [1, 0, 1, 0, 0, 0]
+    assert snap.tokens[DECODE, 4, 5].item() == 3 and snap.tokens.sum().item() == 6
+    assert snap.layer_ids == [0, 1, 4]
+
+
+def test_snapshot_is_a_copy() -> None:
+    t = ExpertActivationTracker(1, 2, 1, max_tokens=4)
+    t.begin_pass(1, is_decode=False)
+    t.record_routing(0, ids([[1]]))
+    t.end_pass()
+    snap = t.snapshot()
+    before = [
+        x.clone() for x in (snap.tokens, snap.activations, snap.last_activation_time, snap.lifetime_tokens)
+    ]
+    t.begin_pass(1, is_decode=False)
+    t.record_routing(0, ids([[0]]))
+    t.end_pass()
+    t.reset_stats()
+    after = (snap.tokens, snap.activations, snap.last_activation_time, snap.lifetime_tokens)
+    assert all(a.equal(b) for a, b in zip(before, after, strict=True))

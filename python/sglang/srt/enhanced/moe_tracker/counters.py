@@ -14,6 +14,7 @@ updates the totals with device ops only; nothing is read back to the host.
 from __future__ import annotations
 
 import torch
+
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.moe_tracker.snapshot import PHASES
 
@@ -113,7 +114,7 @@ class ExpertCounters:
                 f"a CUDA graph is being captured with {n} tokens, more than max_tokens={self.capacity}",
                 culprit=(layer_id, None),
             )
-        rows[:n, :k].copy_(topk_ids, non_blocking=True)
+        (rows[:n] if k == self.top_k else rows[:n, :k]).copy_(topk_ids, non_blocking=True)
 
     def fold(self, num_tokens: int, phase: int, now: float, clear_rows: int | None = None) -> None:
         """Add the histogram of rows ``[:num_tokens]`` of the staged pass to the totals.
@@ -125,16 +126,16 @@ class ExpertCounters:
         num_tokens = min(num_tokens, buf.shape[1])
         if num_tokens > 0:
             nl, ne = self.routing_layers, self.routing_experts
-            ids = buf[:, :num_tokens].reshape(nl, -1).long()
-            ids = torch.where((ids >= 0) & (ids < ne), ids, ne) + self._offsets
+            # Ids outside [0, ne) (padding -1 included) go to the dump column ne.
+            ids = buf[:, :num_tokens].to(torch.int64).reshape(nl, -1)
+            ids.clamp_(EMPTY, ne).remainder_(ne + 1).add_(self._offsets)
             self._hist.zero_()
             self._hist.scatter_add_(0, ids.view(-1), self._one.expand(ids.numel()))
             hist = self._hist.view(nl, ne + 1)[:, :ne]
             hit = hist > 0
-            self.tokens[phase, :nl, :ne] += hist
-            self.activations[phase, :nl, :ne] += hit
-            self.lifetime_tokens[phase, :nl, :ne] += hist
-            self.lifetime_activations[phase, :nl, :ne] += hit
+            counts = self._counts[:, :, phase, :nl, :ne]  # [current/lifetime, tokens/activations, L, E]
+            counts[:, 0].add_(hist)
+            counts[:, 1].add_(hit)
             self.last_activation_time[:nl, :ne].masked_fill_(hit, now)
         clear = min(max(num_tokens, clear_rows or 0), buf.shape[1])
         if clear > 0:
@@ -157,48 +158,48 @@ class ExpertCounters:
     def add(self, layer_id: int, expert_id: int, tokens: int, phase: int, now: float) -> None:
         """Host path: one activation of ``(layer_id, expert_id)`` with ``tokens`` tokens."""
         self.grow(layer_id + 1, expert_id + 1)
-        self.tokens[phase, layer_id, expert_id] += tokens
-        self.activations[phase, layer_id, expert_id] += 1
-        self.lifetime_tokens[phase, layer_id, expert_id] += tokens
-        self.lifetime_activations[phase, layer_id, expert_id] += 1
+        self._counts[:, 0, phase, layer_id, expert_id] += tokens
+        self._counts[:, 1, phase, layer_id, expert_id] += 1
         self.last_activation_time[layer_id, expert_id] = now
 
     def grow(self, num_layers: int, num_experts: int) -> None:
         """Enlarge the totals to at least ``[num_layers, num_experts]``, keeping their values."""
         if num_layers <= self.num_layers and num_experts <= self.num_experts:
             return
-        old = self._totals()
+        old_counts, old_last = self._counts, self.last_activation_time
         self._alloc_totals(max(num_layers, self.num_layers), max(num_experts, self.num_experts))
-        for name, tensor in old.items():
-            getattr(self, name)[..., : tensor.shape[-2], : tensor.shape[-1]].copy_(tensor)
+        nl, ne = old_last.shape
+        self._counts[..., :nl, :ne].copy_(old_counts)
+        self.last_activation_time[:nl, :ne].copy_(old_last)
 
     def reset(self) -> None:
         """Zero the resettable totals; lifetime totals are kept."""
-        self.tokens.zero_()
-        self.activations.zero_()
+        self._counts[0].zero_()
         self.last_activation_time.zero_()
 
     def to_cpu(self) -> dict[str, torch.Tensor]:
         """CPU copies of all totals (this syncs with the device)."""
-        return {name: t.to("cpu", copy=True) for name, t in self._totals().items()}
-
-    # ------------------------------------------------------------------ internals
-    def _totals(self) -> dict[str, torch.Tensor]:
+        counts = self._counts.cpu()
         return {
-            "tokens": self.tokens,
-            "activations": self.activations,
-            "lifetime_tokens": self.lifetime_tokens,
-            "lifetime_activations": self.lifetime_activations,
-            "last_activation_time": self.last_activation_time,
+            "tokens": counts[0, 0].clone(),
+            "activations": counts[0, 1].clone(),
+            "lifetime_tokens": counts[1, 0].clone(),
+            "lifetime_activations": counts[1, 1].clone(),
+            "last_activation_time": self.last_activation_time.to("cpu", copy=True),
         }
 
+    # ------------------------------------------------------------------ internals
     def _alloc_totals(self, num_layers: int, num_experts: int) -> None:
-        shape = (len(PHASES), num_layers, num_experts)
-        self.tokens = torch.zeros(shape, dtype=torch.int64, device=self.device)
-        self.activations = torch.zeros(shape, dtype=torch.int64, device=self.device)
-        self.lifetime_tokens = torch.zeros(shape, dtype=torch.int64, device=self.device)
-        self.lifetime_activations = torch.zeros(shape, dtype=torch.int64, device=self.device)
-        self.last_activation_time = torch.zeros(shape[1:], dtype=torch.float64, device=self.device)
+        # [current/lifetime, tokens/activations, phase, layer, expert]: one add per pass updates
+        # the resettable and the lifetime totals together.
+        self._counts = torch.zeros(
+            2, 2, len(PHASES), num_layers, num_experts, dtype=torch.int64, device=self.device
+        )
+        self.tokens, self.activations = self._counts[0, 0], self._counts[0, 1]
+        self.lifetime_tokens, self.lifetime_activations = self._counts[1, 0], self._counts[1, 1]
+        self.last_activation_time = torch.zeros(
+            num_layers, num_experts, dtype=torch.float64, device=self.device
+        )
         self.num_layers, self.num_experts = num_layers, num_experts
 
     def _use_primary(self) -> None:

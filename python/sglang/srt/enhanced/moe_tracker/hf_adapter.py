@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sglang.srt.enhanced.errors import EnhancedError
-from sglang.srt.enhanced.moe_tracker.tracker import DEFAULT_MAX_TOKENS, ExpertActivationTracker
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from sglang.srt.enhanced.errors import EnhancedError
+from sglang.srt.enhanced.moe_tracker.tracker import DEFAULT_MAX_TOKENS, ExpertActivationTracker
 
 logger = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
 from sglang.srt.enhanced.errors import EnhancedError
 
 PREFILL, DECODE = 0, 1

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.moe_tracker import stats as _stats
 from sglang.srt.enhanced.moe_tracker.counters import ExpertCounters
