@@ -182,6 +182,17 @@ def test_generate_splits_prefill_and_decode(tracked: tuple[nn.Module, ExpertActi
         assert snap.activations[:, layer].max().item() <= new - 1
 
 
+def test_inputs_embeds_forward(tracked: tuple[nn.Module, ExpertActivationTracker]) -> None:
+    model, tracker = tracked
+    with torch.no_grad():
+        model(inputs_embeds=model.get_input_embeddings()(torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])))
+    snap = tracker.snapshot()
+    assert [snap.tokens[PREFILL, layer].sum().item() for layer in _moe_blocks(model)] == [8 * TOP_K] * len(
+        _moe_blocks(model)
+    )
+    assert snap.num_passes == {"prefill": 1, "decode": 0}
+
+
 def test_remove_detaches_and_failed_forward_is_dropped(model: nn.Module) -> None:
     handle = attach_hf_model(model)
     tracker = handle.tracker

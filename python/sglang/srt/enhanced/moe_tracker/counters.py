@@ -68,6 +68,7 @@ class ExpertCounters:
         self._offsets = (
             torch.arange(routing_layers, dtype=torch.int64, device=self.device) * (routing_experts + 1)
         ).view(-1, 1)
+        self._hist_counts = self._hist.view(routing_layers, routing_experts + 1)[:, :routing_experts]
         self.num_layers = 0
         self.num_experts = 0
         self._alloc_totals(routing_layers, routing_experts)
@@ -131,12 +132,12 @@ class ExpertCounters:
             ids.clamp_(EMPTY, ne).remainder_(ne + 1).add_(self._offsets)
             self._hist.zero_()
             self._hist.scatter_add_(0, ids.view(-1), self._one.expand(ids.numel()))
-            hist = self._hist.view(nl, ne + 1)[:, :ne]
+            hist = self._hist_counts
             hit = hist > 0
-            counts = self._counts[:, :, phase, :nl, :ne]  # [current/lifetime, tokens/activations, L, E]
-            counts[:, 0].add_(hist)
-            counts[:, 1].add_(hit)
-            self.last_activation_time[:nl, :ne].masked_fill_(hit, now)
+            tokens, activations = self._fold_targets[phase]
+            tokens.add_(hist)
+            activations.add_(hit)
+            self._fold_last.masked_fill_(hit, now)
         clear = min(max(num_tokens, clear_rows or 0), buf.shape[1])
         if clear > 0:
             buf[:, :clear].fill_(EMPTY)
@@ -201,6 +202,12 @@ class ExpertCounters:
             num_layers, num_experts, dtype=torch.float64, device=self.device
         )
         self.num_layers, self.num_experts = num_layers, num_experts
+        # Views that fold() updates: [current/lifetime, routing layers, routing experts] per phase.
+        nl, ne = self.routing_layers, self.routing_experts
+        self._fold_targets = [
+            (self._counts[:, 0, p, :nl, :ne], self._counts[:, 1, p, :nl, :ne]) for p in range(2)
+        ]
+        self._fold_last = self.last_activation_time[:nl, :ne]
 
     def _use_primary(self) -> None:
         self._active, self._layer_rows = self._primary, self._primary_rows

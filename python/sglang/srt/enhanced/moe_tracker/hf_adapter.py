@@ -68,30 +68,37 @@ class TrackingHandle:
 
 
 def find_moe_layers(model: nn.Module) -> tuple[nn.Module, list[MoeLayer]]:
-    """The module owning the decoder ``layers`` and the MoE blocks in them."""
-    owner, layers = _decoder_layers(model)
-    config = getattr(model, "config", None)
-    found = []
-    for layer_id, layer in enumerate(layers):
-        for name, module in layer.named_modules():
-            gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
-            if isinstance(gate, nn.Module) and isinstance(experts, nn.Module):
-                found.append(
-                    MoeLayer(
-                        layer_id=layer_id,
-                        name=f"layers.{layer_id}.{name}".rstrip("."),
-                        block=module,
-                        gate=gate,
-                        num_experts=_num_experts(module, gate, experts, config),
-                        top_k=_top_k(module, gate, config),
-                    )
-                )
-                break
-    if not found:
-        raise EnhancedError(
-            "the model has no MoE block (a module with `gate` and `experts`)", culprit=type(model).__name__
-        )
-    return owner, found
+    """The module owning the decoder ``layers`` and the MoE blocks in them.
+
+    The owner is the first module (in ``model.modules()`` order) with a non-empty ``layers``
+    ``ModuleList`` holding at least one MoE block: a module with ``gate`` and ``experts``.
+    """
+    for owner in model.modules():
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            config = getattr(owner, "config", None) or getattr(model, "config", None)
+            found = [m for i, layer in enumerate(layers) if (m := _moe_block(i, layer, config)) is not None]
+            if found:
+                return owner, found
+    raise EnhancedError(
+        "the model has no `layers` with an MoE block (a module with `gate` and `experts`)",
+        culprit=type(model).__name__,
+    )
+
+
+def _moe_block(layer_id: int, layer: nn.Module, config: Any) -> MoeLayer | None:
+    for name, module in layer.named_modules():
+        gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
+        if isinstance(gate, nn.Module) and isinstance(experts, nn.Module):
+            return MoeLayer(
+                layer_id=layer_id,
+                name=f"layers.{layer_id}.{name}".rstrip("."),
+                block=module,
+                gate=gate,
+                num_experts=_num_experts(module, gate, experts, config),
+                top_k=_top_k(module, gate, config),
+            )
+    return None
 
 
 def tracker_for_hf_model(
@@ -99,12 +106,11 @@ def tracker_for_hf_model(
 ) -> ExpertActivationTracker:
     """A tracker sized for ``model``'s MoE layers, on the device of the first router."""
     owner, moe = find_moe_layers(model)
-    _, layers = _decoder_layers(model)
     if device is None:
         param = next(moe[0].gate.parameters(), None)
         device = param.device if param is not None else "cpu"
     return ExpertActivationTracker(
-        num_layers=len(layers),
+        num_layers=len(owner.layers),
         num_experts=max(m.num_experts for m in moe),
         top_k=max(m.top_k for m in moe),
         max_tokens=max_tokens,
@@ -177,14 +183,6 @@ def routed_ids(output: Any, top_k: int, num_experts: int, layer_id: int = -1) ->
     raise EnhancedError(
         f"router output has no [*, {top_k}] ids nor [*, {num_experts}] logits", culprit=(layer_id, None)
     )
-
-
-def _decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
-    for module in model.modules():
-        layers = getattr(module, "layers", None)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return module, layers
-    raise EnhancedError("the model has no `layers` list of decoder layers", culprit=type(model).__name__)
 
 
 def _first_int(objects: Sequence[Any], attrs: Sequence[str]) -> int | None:
