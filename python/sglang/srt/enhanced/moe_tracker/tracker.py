@@ -69,6 +69,8 @@ class ExpertActivationTracker:
             raise EnhancedError(f"layer ids {bad} are outside [0, {num_layers})", culprit=(bad[0], None))
         self.top_k = top_k
         self._layer_ids: set[int] = set(layer_ids)
+        if self._layer_ids:
+            self._counters.grow(max(self._layer_ids) + 1, num_experts)
         self._lock = threading.Lock()
         self._requests: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._max_requests = max_requests
