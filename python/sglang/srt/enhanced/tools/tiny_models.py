@@ -34,7 +34,8 @@ _CORPUS = (
 )
 
 
-def _common(**kw: object) -> dict:
+def _common(arch_defaults: dict, overrides: dict) -> dict:
+    """Shared tiny sizes, then the architecture's own keys, then the caller's overrides."""
     base = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
@@ -48,48 +49,49 @@ def _common(**kw: object) -> dict:
         pad_token_id=0,
         rms_norm_eps=1e-6,
     )
-    base.update(kw)
+    base.update(arch_defaults)
+    base.update(overrides)
     return base
 
 
 def _qwen2_moe(**kw: object):
     from transformers import Qwen2MoeConfig
 
-    return Qwen2MoeConfig(**_common(
+    return Qwen2MoeConfig(**_common(dict(
         intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
-        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=False, **kw))
+        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=False), kw))
 
 
 def _qwen3_moe(**kw: object):
     from transformers import Qwen3MoeConfig
 
-    return Qwen3MoeConfig(**_common(
+    return Qwen3MoeConfig(**_common(dict(
         head_dim=16, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
-        num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=True, **kw))
+        num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=True), kw))
 
 
 def _mixtral(**kw: object):
     from transformers import MixtralConfig
 
-    return MixtralConfig(**_common(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **kw))
+    return MixtralConfig(**_common(dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2), kw))
 
 
 def _olmoe(**kw: object):
     from transformers import OlmoeConfig
 
-    return OlmoeConfig(**_common(
+    return OlmoeConfig(**_common(dict(
         num_key_value_heads=4, intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-        norm_topk_prob=False, **kw))
+        norm_topk_prob=False), kw))
 
 
 def _deepseek_v3(**kw: object):
     from transformers import DeepseekV3Config
 
-    return DeepseekV3Config(**_common(
+    return DeepseekV3Config(**_common(dict(
         num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32, first_k_dense_replace=1,
         n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
         routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=16, kv_lora_rank=16,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, rope_scaling=None, **kw))
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, rope_scaling=None), kw))
 
 
 ARCHS: dict[str, Callable[..., object]] = {
