@@ -69,6 +69,10 @@ CASES = [
     (4, 160, 24, 32, False, True, 0, (16, 64, 4)),  # tile spans whole groups, partial last tile
     (4, 96, 24, -1, False, False, 0, (16, 32, 4)),  # one group, gptq_v2
     (4, 128, 48, 32, True, False, 1, (32, 64, 4)),  # act-order g_idx
+    (4, 128, 48, 32, True, False, 1, (32, 64, 4, False, 0)),  # act-order, words split in registers
+    (4, 160, 40, 48, False, False, 1, (32, 64, 4, True, 1)),  # values gathered, streaming stores
+    (4, 160, 40, 48, False, False, 0, (32, 64, 4, False, 2)),  # [in, out]-oriented tile, no g_idx
+    (3, 96, 64, 32, True, False, 1, (32, 32, 4, True, 2)),  # [in, out]-oriented tile, act-order
     (2, 192, 48, 64, True, True, 0, (32, 64, 4)),
     (2, 80, 16, -1, False, False, 1, None),
     (3, 96, 64, 32, False, False, 1, (32, 32, 4)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.kernels.reference import (
     fp8_block_dequant_ref,
@@ -17,7 +18,20 @@ from sglang.srt.enhanced.mixed_precision.kernels.reference import (
 )
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-DEFAULT_CONFIG = (64, 128, 4)  # BLOCK_M, BLOCK_N, num_warps
+# Tile configs (BLOCK_M, BLOCK_N, num_warps), largest first; a launch takes the first that gives
+# at least MIN_PROGRAMS_PER_SM programs per SM (benchmarks/NOTES_dequant.md).
+TILE_LADDER = ((64, 128, 4), (32, 128, 4), (32, 64, 4), (16, 64, 2))
+MIN_PROGRAMS_PER_SM = 4
+
+
+def pick_config(m: int, n: int, device: torch.device) -> tuple[int, int, int]:
+    if device.type != "cuda":
+        return TILE_LADDER[0]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    for cfg in TILE_LADDER:
+        if triton.cdiv(m, cfg[0]) * triton.cdiv(n, cfg[1]) >= MIN_PROGRAMS_PER_SM * sms:
+            return cfg
+    return TILE_LADDER[-1]
 
 
 @triton.jit
@@ -136,7 +150,7 @@ def fp8_block_dequant(
     out = torch.empty((m, n), dtype=out_dtype, device=weight_fp8.device)
     if out.numel() == 0:
         return out
-    block_m, block_n, num_warps = config or DEFAULT_CONFIG
+    block_m, block_n, num_warps = config or pick_config(m, n, weight_fp8.device)
     uniform = bo % block_m == 0 and bi % block_n == 0
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _fp8_block_dequant_kernel[grid](
@@ -173,7 +187,7 @@ def fp8_scaled_dequant(
     if out.numel() == 0:
         return out
     scale = weight_scale.reshape(-1)
-    block_m, block_n, num_warps = config or DEFAULT_CONFIG
+    block_m, block_n, num_warps = config or pick_config(m, n, weight_fp8.device)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _fp8_scaled_dequant_kernel[grid](
         weight_fp8, scale, out, m, n,

@@ -19,9 +19,47 @@ import triton.language as tl
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.kernels.reference import gptq_dequant_ref
 
-# (BLOCK_N, BLOCK_K, num_warps) by bit width; tuned on H100 (benchmarks/NOTES_dequant.md).
-DEFAULT_CONFIG = {2: (64, 256, 4), 3: (32, 128, 4), 4: (64, 128, 4), 8: (64, 64, 4)}
-STREAM_OUT_DEFAULT = False  # store the output with evict-first (streaming) cache policy
+# Tile configs (BLOCK_N, BLOCK_K, num_warps) from largest to smallest; a launch takes the first
+# that gives at least MIN_PROGRAMS_PER_SM programs per SM (benchmarks/NOTES_dequant.md).
+TILE_LADDER = ((64, 128, 4), (32, 64, 4))
+BATCHED_CONFIG = (128, 128, 8)  # many stacked matrices: fewer, larger programs
+ACT_ORDER_CONFIG = (64, 64, 4)
+# Kernel variants: words split in registers ([out, in] tile), values gathered one by one
+# ([out, in] tile), or the [in, out]-oriented tile (act-order: scale rows gathered whole).
+SPLIT, GATHER, KMAJOR = 0, 1, 2
+MIN_PROGRAMS_PER_SM = 4
+INTERPRETER_CONFIG = (64, 128, 4)
+
+
+def pick_config(
+    bits: int, e: int, n: int, k: int, device: torch.device, act_order: bool = False
+) -> tuple[int, int, int]:
+    """Tile config for ``e`` matrices of ``[n, k]``: large tiles when there is enough work."""
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    if act_order:
+        return ACT_ORDER_CONFIG
+    sms = _sm_count(device)
+
+    def programs(cfg: tuple[int, int, int]) -> int:
+        return e * triton.cdiv(n, cfg[0]) * triton.cdiv(k, cfg[1])
+
+    if programs(BATCHED_CONFIG) >= 16 * sms:
+        return BATCHED_CONFIG
+    for cfg in TILE_LADDER:
+        if programs(cfg) >= MIN_PROGRAMS_PER_SM * sms:
+            return cfg
+    return TILE_LADDER[-1]
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
 
 
 @triton.jit
@@ -120,6 +158,7 @@ def _gptq_dequant_kernel(
     GROUP_MODE: tl.constexpr,
     GS: tl.constexpr,
     STREAM_OUT: tl.constexpr,
+    GATHER_Q: tl.constexpr,
 ):
     pid = tl.program_id(0)
     e = tl.program_id(1).to(tl.int64)
@@ -136,7 +175,7 @@ def _gptq_dequant_kernel(
     sc = scales_ptr + e * ss_e
 
     # Quantized values q[n, k].
-    if 32 % BITS == 0:
+    if 32 % BITS == 0 and not GATHER_Q:
         VPW: tl.constexpr = 32 // BITS
         BLOCK_R: tl.constexpr = BLOCK_K // VPW
         offs_r = pid_k * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -176,6 +215,64 @@ def _gptq_dequant_kernel(
         tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
     else:
         tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gptq_dequant_kmajor_kernel(
+    qweight_ptr,
+    qzeros_ptr,
+    scales_ptr,
+    g_idx_ptr,
+    out_ptr,
+    K,
+    N,
+    group_size,
+    zero_offset,
+    sq_e,
+    sq_r,
+    sq_n,
+    sz_e,
+    sz_g,
+    sz_c,
+    ss_e,
+    ss_g,
+    ss_n,
+    sg_e,
+    sg_k,
+    so_e,
+    so_n,
+    so_k,
+    BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_G_IDX: tl.constexpr,
+    STREAM_OUT: tl.constexpr,
+):
+    """Same result as ``_gptq_dequant_kernel`` from a ``[BLOCK_K, BLOCK_N]`` tile whose loads all
+    run along the output channels (rows of scales gathered by ``g_idx`` stay contiguous);
+    only the finished tile is transposed on its way to the ``[out, in]`` store."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1).to(tl.int64)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    pid_k = pid % k_tiles
+    pid_n = pid // k_tiles
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    mask = mask_k[:, None] & (offs_n < N)[None, :]
+    if HAS_G_IDX:
+        g = tl.load(g_idx_ptr + e * sg_e + offs_k * sg_k, mask=mask_k, other=0)
+    else:
+        g = offs_k // group_size
+    q = _gather_values(qweight_ptr + e * sq_e + offs_n[None, :] * sq_n, offs_k[:, None], sq_r, mask, BITS)
+    z = _gather_values(qzeros_ptr + e * sz_e + g[:, None] * sz_g, offs_n[None, :], sz_c, mask, BITS)
+    s = tl.load(scales_ptr + e * ss_e + g[:, None] * ss_g + offs_n[None, :] * ss_n, mask=mask, other=0.0)
+    w = ((q - z - zero_offset).to(tl.float32) * s.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    out_ptrs = out_ptr + e * so_e + offs_n[None, :] * so_n + offs_k[:, None] * so_k
+    if STREAM_OUT:
+        tl.store(out_ptrs, w, mask=mask, eviction_policy="evict_first")
+    else:
+        tl.store(out_ptrs, w, mask=mask)
 
 
 def _is_interpreted() -> bool:
@@ -222,8 +319,10 @@ def _check(qweight, qzeros, scales, g_idx, bits, group_size, batched) -> tuple[i
 
 def _launch(qweight, qzeros, scales, g_idx, out, bits, group_size, zero_offset, config, batched) -> None:
     e, n, k = out.shape[0] if batched else 1, out.shape[-2], out.shape[-1]
-    block_n, block_k, num_warps, *rest = config or DEFAULT_CONFIG[bits]
-    stream = bool(rest[0]) if rest else STREAM_OUT_DEFAULT
+    block_n, block_k, num_warps, *rest = config or pick_config(bits, e, n, k, out.device, g_idx is not None)
+    # Streaming (evict-first) stores help when the output is far larger than L2.
+    stream = bool(rest[0]) if rest else e * n * k * out.element_size() > 2**28
+    variant = int(rest[1]) if len(rest) > 1 else (KMAJOR if g_idx is not None else SPLIT)
     gs = k if group_size == -1 or group_size >= k else group_size
     if g_idx is not None:
         mode = 0
@@ -241,12 +340,22 @@ def _launch(qweight, qzeros, scales, g_idx, out, bits, group_size, zero_offset, 
     g_arg = g_idx if g_idx is not None else qweight  # unused pointer when there is no g_idx
     g_strides = (g_idx.stride(0), g_idx.stride(1)) if g_idx is not None else (0, 0)
     grid = (triton.cdiv(n, block_n) * triton.cdiv(k, block_k), e)
+    if variant == KMAJOR:
+        _gptq_dequant_kmajor_kernel[grid](
+            qweight, qzeros, scales, g_arg, out,
+            k, n, gs, zero_offset,
+            *qweight.stride(), *qzeros.stride(), *scales.stride(), *g_strides, *out.stride(),
+            BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, HAS_G_IDX=g_idx is not None, STREAM_OUT=stream,
+            num_warps=num_warps,
+        )  # fmt: skip
+        return
     _gptq_dequant_kernel[grid](
         qweight, qzeros, scales, g_arg, out,
         k, n, gs, zero_offset,
         *qweight.stride(), *qzeros.stride(), *scales.stride(), *g_strides, *out.stride(),
         BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k,
         HAS_G_IDX=g_idx is not None, GROUP_MODE=mode, GS=gs if mode == 2 else 1, STREAM_OUT=stream,
+        GATHER_Q=variant == GATHER,
         num_warps=num_warps,
     )  # fmt: skip
 
@@ -296,7 +405,8 @@ def gptq_dequant(
     ``group_size`` -1 means one group; ``g_idx`` (act-order) overrides ``group_size``.
     ``out`` may be a strided view to write into (e.g. a slice of a fused parameter).
     ``use_triton``: None picks Triton for CUDA tensors and the torch reference otherwise;
-    True on CPU needs ``TRITON_INTERPRET=1``. ``config`` = (BLOCK_N, BLOCK_K, num_warps[, stream]).
+    True on CPU needs ``TRITON_INTERPRET=1``.
+    ``config`` = (BLOCK_N, BLOCK_K, num_warps[, stream[, variant]]) overrides :func:`pick_config`.
     """
     return _dispatch(qweight, qzeros, scales, g_idx, bits, group_size, zero_offset, out_dtype, out, use_triton,
                      config, batched=False)  # fmt: skip
