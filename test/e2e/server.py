@@ -14,6 +14,7 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parents[2]
+READY_LINE = "The server is fired up and ready to roll"
 CPU_ARGS = ("--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
             "--enable-p2p-check", "--mem-fraction-static", "0.05")
 
@@ -41,16 +42,17 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 240.0) -> ServerProcess:
-        """Wait for /health and one finished generation; raise with the log tail otherwise."""
+        """Wait for /health and the end of SGLang's own warm-up request; raise with the log tail otherwise."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             try:
-                if requests.get(self.base_url + "/health", timeout=5).status_code == 200:
-                    return self
+                healthy = requests.get(self.base_url + "/health", timeout=5).status_code == 200
             except requests.RequestException:
-                pass
+                healthy = False
+            if healthy and READY_LINE in self.log():
+                return self
             time.sleep(1.0)
         self.stop()
         raise TimeoutError(f"server not ready after {timeout:.0f}s:\n{self.log()[-4000:]}")
