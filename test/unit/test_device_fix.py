@@ -349,10 +349,11 @@ def test_bad_device_is_named(device):
 # --------------------------------------------------------------------------- docs
 
 
-def test_docs_example_runs():
-    text = (REPO / "docs" / "device_helpers.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "no python example in docs/device_helpers.md"
+def test_readme_example_runs():
+    readme = (REPO / "README_ENHANCED_FEATURES.md").read_text()
+    section = readme.split("\n## Device problems\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks, "no python example in the README's Device problems section"
     namespace: dict = {"__name__": "__docs_example__"}
-    exec(compile("\n".join(blocks), "docs/device_helpers.md", "exec"), namespace)  # noqa: S102
+    exec(compile("\n".join(blocks), "README_ENHANCED_FEATURES.md", "exec"), namespace)  # noqa: S102
     assert namespace["validation"]["is_consistent"]
