@@ -7,6 +7,8 @@ output channel. One program writes a ``[BLOCK_M, BLOCK_N]`` output tile.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +26,7 @@ TILE_LADDER = ((64, 128, 4), (32, 128, 4), (32, 64, 4), (16, 64, 2))
 MIN_PROGRAMS_PER_SM = 4
 
 
+@functools.lru_cache(maxsize=1024)
 def pick_config(m: int, n: int, device: torch.device) -> tuple[int, int, int]:
     if device.type != "cuda":
         return TILE_LADDER[0]

@@ -12,6 +12,8 @@ group of input row ``i`` (``g_idx[i]``, else ``i // group_size``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -23,14 +25,17 @@ from sglang.srt.enhanced.mixed_precision.kernels.reference import gptq_dequant_r
 # that gives at least MIN_PROGRAMS_PER_SM programs per SM (benchmarks/NOTES_dequant.md).
 TILE_LADDER = ((64, 128, 4), (32, 64, 4))
 BATCHED_CONFIG = (128, 128, 8)  # many stacked matrices: fewer, larger programs
-ACT_ORDER_CONFIG = (64, 64, 4)
+ACT_ORDER_CONFIG = (128, 32, 4)
+ACT_ORDER_CONFIG_3BIT = (64, 64, 4)  # with the [in, out]-oriented tile
 # Kernel variants: words split in registers ([out, in] tile), values gathered one by one
-# ([out, in] tile), or the [in, out]-oriented tile (act-order: scale rows gathered whole).
+# ([out, in] tile), or the [in, out]-oriented tile (scale rows gathered whole; fastest for 3-bit
+# act-order, see benchmarks/NOTES_dequant.md).
 SPLIT, GATHER, KMAJOR = 0, 1, 2
 MIN_PROGRAMS_PER_SM = 4
 INTERPRETER_CONFIG = (64, 128, 4)
 
 
+@functools.lru_cache(maxsize=1024)
 def pick_config(
     bits: int, e: int, n: int, k: int, device: torch.device, act_order: bool = False
 ) -> tuple[int, int, int]:
@@ -38,7 +43,7 @@ def pick_config(
     if device.type != "cuda":
         return INTERPRETER_CONFIG
     if act_order:
-        return ACT_ORDER_CONFIG
+        return ACT_ORDER_CONFIG_3BIT if bits == 3 else ACT_ORDER_CONFIG
     sms = _sm_count(device)
 
     def programs(cfg: tuple[int, int, int]) -> int:
@@ -322,7 +327,7 @@ def _launch(qweight, qzeros, scales, g_idx, out, bits, group_size, zero_offset, 
     block_n, block_k, num_warps, *rest = config or pick_config(bits, e, n, k, out.device, g_idx is not None)
     # Streaming (evict-first) stores help when the output is far larger than L2.
     stream = bool(rest[0]) if rest else e * n * k * out.element_size() > 2**28
-    variant = int(rest[1]) if len(rest) > 1 else (KMAJOR if g_idx is not None else SPLIT)
+    variant = int(rest[1]) if len(rest) > 1 else (KMAJOR if g_idx is not None and bits == 3 else SPLIT)
     gs = k if group_size == -1 or group_size >= k else group_size
     if g_idx is not None:
         mode = 0

@@ -7,6 +7,7 @@ serve as the CPU path of the decoders.
 from __future__ import annotations
 
 import torch
+
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.packing import unpack_int32
 
