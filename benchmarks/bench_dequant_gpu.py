@@ -331,7 +331,7 @@ def time_gptq(label, e, k, n, act, copy_bw, gptqmodel, sweep, rows, checks, bits
     best_cfg, best = None, ms
     big = e > 0 or k * n >= 8 * 2**20
     candidates = []
-    if sweep and bits == 4 and act:
+    if sweep and act:
         candidates = [(*cfg, False, v) for cfg in ACT_SWEEP for v in (2, 0, 1)]
     elif sweep and bits == 4:
         for cfg in GPTQ_SWEEP if big else SMALL_SWEEP:
@@ -471,6 +471,7 @@ def main() -> None:
     parser.add_argument("--gptqmodel-src", type=Path, default=None, help="folder with a gptqmodel sdist")
     parser.add_argument("--out", type=Path, default=None, help="write results.json here")
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--focus", action="store_true", help="only the 8-bit act-order and k/v sweeps")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     env = {
@@ -486,6 +487,17 @@ def main() -> None:
     copy_bw = copy_bandwidth()
     results["copy_GBps"] = copy_bw / 1e9
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    if args.focus:
+        for label, e, k, n, act, bits in (
+            ("Mixtral w1/w3 4096->14336 8-bit act-order", 0, 4096, 14336, True, 8),
+            ("Mixtral w2 14336->4096 8-bit act-order", 0, 14336, 4096, True, 8),
+            ("Qwen3-30B-A3B attn k/v 2048->512", 0, 2048, 512, False, 4),
+        ):
+            time_gptq(
+                label, e, k, n, act, copy_bw, gptqmodel, True, results["rows"], results["checks"], bits=bits
+            )
+        print("all checks ok:", all(c["ok"] for c in results["checks"]))
+        return
     print("GPTQ 4-bit, group 128, bf16 out:")
     for label, e, k, n, act in GPTQ_SHAPES:
         time_gptq(label, e, k, n, act, copy_bw, gptqmodel, args.sweep, results["rows"], results["checks"])
