@@ -46,12 +46,13 @@ GRAPH_SAFE_TOKENS = 1024
 
 
 def moe_layer_modules(model: nn.Module) -> dict[int, nn.Module]:
-    """Every SGLang ``FusedMoE`` module of ``model`` by the index of its decoder layer."""
+    """Every SGLang MoE experts module (``FusedMoE``, ``EPMoE``) of ``model`` by its decoder layer."""
+    from sglang.srt.layers.moe.ep_moe.layer import EPMoE
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 
     found: dict[int, nn.Module] = {}
     for name, module in model.named_modules():
-        if isinstance(module, FusedMoE):
+        if isinstance(module, (FusedMoE, EPMoE)):
             match = _LAYER_IN_NAME.search(name)
             if match is not None:
                 found[int(match.group(1))] = module
@@ -84,8 +85,13 @@ class TrackingRecorder(ExpertDistributionRecorder):
         self._fold_stream: torch.cuda.Stream | None = None
 
     # -- hooks SGLang calls on the forward path -------------------------------------------
-    def with_current_layer(self, layer_idx):  # noqa: ANN001, ANN201 - SGLang's signature
-        return self.inner.with_current_layer(layer_idx)
+    @contextmanager
+    def with_current_layer(self, layer_idx: int):
+        # Models that announce their layer (Qwen2/3-MoE, DeepSeek, whose DeepEP path routes
+        # before its experts module runs) set it here; the pre-hooks cover the others.
+        self.current_layer = layer_idx
+        with self.inner.with_current_layer(layer_idx):
+            yield
 
     def with_debug_name(self, debug_name):  # noqa: ANN001, ANN201
         return self.inner.with_debug_name(debug_name)
@@ -93,6 +99,7 @@ class TrackingRecorder(ExpertDistributionRecorder):
     @contextmanager
     def with_forward_pass(self, forward_pass_id: int, forward_batch: Any):
         tracker = self.tracker
+        self.current_layer = None
         num_tokens = int(forward_batch.input_ids.shape[0]) if tracker is not None else 0
         if tracker is None or num_tokens == 0:
             with self.inner.with_forward_pass(forward_pass_id, forward_batch):

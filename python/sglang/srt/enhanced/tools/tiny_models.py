@@ -91,7 +91,8 @@ def _deepseek_v3(**kw: object):
         num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32, first_k_dense_replace=1,
         n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
         routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=16, kv_lora_rank=16,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, rope_scaling=None), kw))
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, rope_scaling=None,
+        topk_method="noaux_tc", moe_layer_freq=1), kw))
 
 
 ARCHS: dict[str, Callable[..., object]] = {
