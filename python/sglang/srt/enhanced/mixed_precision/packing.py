@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from sglang.srt.enhanced.errors import EnhancedError
 
 SUPPORTED_BITS = (2, 3, 4, 8)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.packing import block_shape, check_bits, pack_int32
 
@@ -132,18 +133,17 @@ def gptq_quantize_tensor(weight: torch.Tensor, opts: GPTQOptions) -> dict[str, t
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -1.0, xmin)
     xmax = torch.where(empty, 1.0, xmax)
-    scale = (xmax - xmin) / maxq
+    scale = fp16_round_up((xmax - xmin) / maxq)
     if opts.sym:
-        zero = torch.full_like(scale, float(1 << (opts.bits - 1)))
+        zero = torch.full_like(xmin, float(1 << (opts.bits - 1)))
     else:
-        zero = torch.round(-xmin / scale)
+        zero = torch.round(-xmin / scale.to(torch.float32))
         if opts.checkpoint_format == "gptq":
             # v1 stores zero - 1, so a zero of 0 cannot be written: widen the scale so the
             # range fits codes 1..maxq instead (the error bound still holds).
             low = zero == 0
-            scale = torch.where(low, (xmax - xmin) / (maxq - 1), scale)
+            scale = torch.where(low, fp16_round_up((xmax - xmin) / (maxq - 1)), scale)
             zero = torch.where(low, 1.0, zero)
-    scale = scale.clamp(min=2.0**-14, max=65504.0).to(torch.float16)
     s = scale.to(torch.float32)
     q = torch.clamp(torch.round(w / s[:, gl]) + zero[:, gl], 0, maxq).to(torch.int32)
     stored_zero = zero.to(torch.int32) - (1 if opts.checkpoint_format == "gptq" else 0)
@@ -153,6 +153,17 @@ def gptq_quantize_tensor(weight: torch.Tensor, opts: GPTQOptions) -> dict[str, t
         "scales": scale.t().contiguous(),
         "g_idx": g_idx,
     }
+
+
+def fp16_round_up(x: torch.Tensor) -> torch.Tensor:
+    """Positive float32 values as float16, rounded up (never below ``x``) and kept normal.
+
+    Rounding a scale down would push the extreme codes past the clamp and break the
+    ``scale / 2`` error bound.
+    """
+    s16 = x.clamp(min=2.0**-14, max=65504.0).to(torch.float16)
+    bump = s16.to(torch.float32) < x
+    return torch.where(bump, (s16.view(torch.int16) + 1).view(torch.float16), s16)
 
 
 def gptq_packable(weight: torch.Tensor, bits: int) -> bool:

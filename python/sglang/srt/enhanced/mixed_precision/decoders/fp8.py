@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.decoders.plain import cast_stored, nbytes_as
 from sglang.srt.enhanced.mixed_precision.decoders.registry import read_json, register_decoder

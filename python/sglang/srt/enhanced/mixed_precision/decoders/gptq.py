@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.decoders.plain import cast_stored, nbytes_as
 from sglang.srt.enhanced.mixed_precision.decoders.registry import read_json, register_decoder
@@ -422,7 +423,7 @@ class GPTQDecoder:
         results: list[torch.Tensor | None] = [None] * len(logical_names)
         buckets: dict[tuple, list[int]] = {}
         prepared: dict[int, tuple] = {}
-        for i, (name, parts) in enumerate(zip(logical_names, parts_list)):
+        for i, (name, parts) in enumerate(zip(logical_names, parts_list, strict=True)):
             if not self._is_quantized(name, parts):
                 results[i] = self.decode(name, parts, dtype)
                 continue
