@@ -240,6 +240,8 @@ def run_checks(gptqmodel, results) -> bool:
         (8, 768, 2048, -1, True, 0, None), (4, 4096, 1408, 128, True, 1, (64, 128, 4, False, 0)),
         (4, 4096, 1408, 64, True, 0, (32, 64, 4, True, 1)), (4, 4096, 1408, 128, True, 1, (128, 32, 4, False, 2)),
         (3, 4096, 1408, 128, True, 1, (64, 64, 4, False, 2)), (4, 2048, 768, 128, False, 0, (64, 64, 4, True, 2)),
+        (8, 4096, 1400, 128, True, 1, (128, 32, 4, False, 3)), (8, 1000, 1408, 128, True, 0, (64, 64, 4, True, 3)),
+        (2, 4096, 1408, 64, True, 0, (256, 32, 8, False, 3)), (4, 2048, 760, 128, False, 1, (128, 64, 4, False, 3)),
     ]  # fmt: skip
     configs = [
         None,
@@ -332,7 +334,7 @@ def time_gptq(label, e, k, n, act, copy_bw, gptqmodel, sweep, rows, checks, bits
     big = e > 0 or k * n >= 8 * 2**20
     candidates = []
     if sweep and act:
-        candidates = [(*cfg, False, v) for cfg in ACT_SWEEP for v in (2, 0, 1)]
+        candidates = [(*cfg, False, v) for cfg in ACT_SWEEP for v in (3, 2, 0, 1)]
     elif sweep and bits == 4:
         for cfg in GPTQ_SWEEP if big else SMALL_SWEEP:
             for stream in (False, True) if big else (False,):

@@ -73,6 +73,8 @@ CASES = [
     (4, 160, 40, 48, False, False, 1, (32, 64, 4, True, 1)),  # values gathered, streaming stores
     (4, 160, 40, 48, False, False, 0, (32, 64, 4, False, 2)),  # [in, out]-oriented tile, no g_idx
     (3, 96, 64, 32, True, False, 1, (32, 32, 4, True, 2)),  # [in, out]-oriented tile, act-order
+    (8, 96, 40, 32, True, False, 0, (16, 32, 2, True, 3)),  # row-split kernel, act-order, partial tiles
+    (4, 160, 40, 48, False, False, 1, (32, 64, 4, False, 3)),  # row-split kernel, no g_idx
     (2, 192, 48, 64, True, True, 0, (32, 64, 4)),
     (2, 80, 16, -1, False, False, 1, None),
     (3, 96, 64, 32, False, False, 1, (32, 32, 4)),
@@ -152,3 +154,13 @@ def test_bad_inputs_raise(change, culprit):
         gptq_dequant(args.pop("qweight"), args.pop("qzeros"), args.pop("scales"), args.pop("g_idx"),
                      **args, zero_offset=1, out_dtype=torch.float32)  # fmt: skip
     assert err.value.culprit == culprit
+
+
+def test_row_split_kernel_refuses_3_bits(device):
+    """3-bit values straddle words, so the row-split variant cannot split them; it says so."""
+    gen = torch.Generator().manual_seed(9)
+    (qw, qz, s), _ = make_case(gen, 1, 96, 32, 3, 32)
+    with pytest.raises(EnhancedError) as err:
+        gptq_dequant(qw[0].to(device), qz[0].to(device), s[0].to(device), None, bits=3, group_size=32,
+                     zero_offset=1, out_dtype=torch.float32, use_triton=True, config=(32, 32, 4, False, 3))  # fmt: skip
+    assert err.value.culprit == "config"

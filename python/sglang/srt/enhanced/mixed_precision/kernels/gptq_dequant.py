@@ -4,7 +4,9 @@ One program writes a ``[BLOCK_N, BLOCK_K]`` tile of the output (``BLOCK_N`` outp
 channels x ``BLOCK_K`` input rows) of one matrix; a third grid axis walks stacked matrices
 (all experts of a layer). For 2/4/8 bits each packed word is loaded once and split into its
 ``32/bits`` values in registers, so a thread stores them as one contiguous vector; 3-bit
-values (which straddle words) are gathered value by value.
+values (which straddle words) are gathered value by value. With act-order (``g_idx``) the
+scale and zero rows of each input row are gathered along the output channels and transposed
+in registers to the tile.
 
 ``w[o, i] = scales[g, o] * (q[i, o] - (stored_zero[g, o] + zero_offset))`` with ``g`` the
 group of input row ``i`` (``g_idx[i]``, else ``i // group_size``).
@@ -25,12 +27,13 @@ from sglang.srt.enhanced.mixed_precision.kernels.reference import gptq_dequant_r
 # that gives at least MIN_PROGRAMS_PER_SM programs per SM (benchmarks/NOTES_dequant.md).
 TILE_LADDER = ((64, 128, 4), (32, 64, 4))
 BATCHED_CONFIG = (128, 128, 8)  # many stacked matrices: fewer, larger programs
-ACT_ORDER_CONFIG = (128, 32, 4)
+ACT_ORDER_CONFIG = (128, 32, 4)  # with the row-split kernel (2/4/8 bits)
 ACT_ORDER_CONFIG_3BIT = (64, 64, 4)  # with the [in, out]-oriented tile
 # Kernel variants: words split in registers ([out, in] tile), values gathered one by one
-# ([out, in] tile), or the [in, out]-oriented tile (scale rows gathered whole; fastest for 3-bit
-# act-order, see benchmarks/NOTES_dequant.md).
-SPLIT, GATHER, KMAJOR = 0, 1, 2
+# ([out, in] tile), the [in, out]-oriented tile (scale rows gathered whole; fastest for 3-bit
+# act-order), or words split in registers with scale and zero rows gathered along the output
+# channels (fastest for 2/4/8-bit act-order); see benchmarks/NOTES_dequant.md.
+SPLIT, GATHER, KMAJOR, ROWSPLIT = 0, 1, 2, 3
 MIN_PROGRAMS_PER_SM = 4
 INTERPRETER_CONFIG = (64, 128, 4)
 
@@ -280,6 +283,87 @@ def _gptq_dequant_kmajor_kernel(
         tl.store(out_ptrs, w, mask=mask)
 
 
+@triton.jit
+def _gptq_dequant_rowsplit_kernel(
+    qweight_ptr,
+    qzeros_ptr,
+    scales_ptr,
+    g_idx_ptr,
+    out_ptr,
+    K,
+    N,
+    group_size,
+    zero_offset,
+    sq_e,
+    sq_r,
+    sq_n,
+    sz_e,
+    sz_g,
+    sz_c,
+    ss_e,
+    ss_g,
+    ss_n,
+    sg_e,
+    sg_k,
+    so_e,
+    so_n,
+    so_k,
+    BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_G_IDX: tl.constexpr,
+    STREAM_OUT: tl.constexpr,
+):
+    """2/4/8 bits: packed words, gathered scale rows and gathered zero words are each loaded once,
+    along the output channels; words are split into their input rows, zero words into their
+    channels, in registers; scales and zeros are transposed to the ``[BLOCK_N, BLOCK_K]`` tile."""
+    VPW: tl.constexpr = 32 // BITS
+    BLOCK_R: tl.constexpr = BLOCK_K // VPW
+    BLOCK_C: tl.constexpr = BLOCK_N // VPW
+    pid = tl.program_id(0)
+    e = tl.program_id(1).to(tl.int64)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    pid_k = pid % k_tiles
+    pid_n = pid // k_tiles
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = pid_k * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = pid_n * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    if HAS_G_IDX:
+        g = tl.load(g_idx_ptr + e * sg_e + offs_k * sg_k, mask=mask_k, other=0, eviction_policy="evict_last")
+    else:
+        g = offs_k // group_size
+    zw = tl.load(
+        qzeros_ptr + e * sz_e + g[:, None] * sz_g + offs_c[None, :] * sz_c,
+        mask=mask_k[:, None] & (offs_c < N // VPW)[None, :],
+        other=0,
+        eviction_policy="evict_last",
+    )
+    z = _split_words(zw, BLOCK_K, BLOCK_C, BITS) + zero_offset  # [BLOCK_K, BLOCK_N]
+    s = tl.load(
+        scales_ptr + e * ss_e + g[:, None] * ss_g + offs_n[None, :] * ss_n,
+        mask=mask_k[:, None] & mask_n[None, :],
+        other=0.0,
+        eviction_policy="evict_last",
+    )
+    words = tl.load(
+        qweight_ptr + e * sq_e + offs_r[:, None] * sq_r + offs_n[None, :] * sq_n,
+        mask=(offs_r < K // VPW)[:, None] & mask_n[None, :],
+        other=0,
+    )
+    q = _split_words(tl.trans(words), BLOCK_N, BLOCK_R, BITS)  # [BLOCK_N, BLOCK_K]
+    zt = tl.trans(z.to(tl.int16)).to(tl.int32)  # zeros + offset fit 16 bits
+    w = ((q - zt).to(tl.float32) * tl.trans(s).to(tl.float32)).to(out_ptr.dtype.element_ty)
+    out_ptrs = out_ptr + e * so_e + offs_n[:, None] * so_n + offs_k[None, :] * so_k
+    mask = mask_n[:, None] & mask_k[None, :]
+    if STREAM_OUT:
+        tl.store(out_ptrs, w, mask=mask, eviction_policy="evict_first")
+    else:
+        tl.store(out_ptrs, w, mask=mask)
+
+
 def _is_interpreted() -> bool:
     return type(_gptq_dequant_kernel).__name__ == "InterpretedFunction"
 
@@ -327,7 +411,12 @@ def _launch(qweight, qzeros, scales, g_idx, out, bits, group_size, zero_offset, 
     block_n, block_k, num_warps, *rest = config or pick_config(bits, e, n, k, out.device, g_idx is not None)
     # Streaming (evict-first) stores help when the output is far larger than L2.
     stream = bool(rest[0]) if rest else e * n * k * out.element_size() > 2**28
-    variant = int(rest[1]) if len(rest) > 1 else (KMAJOR if g_idx is not None and bits == 3 else SPLIT)
+    if len(rest) > 1:
+        variant = int(rest[1])
+    else:
+        variant = SPLIT if g_idx is None else KMAJOR if bits == 3 else ROWSPLIT
+    if variant == ROWSPLIT and bits == 3:
+        raise EnhancedError("the row-split kernel needs 2, 4 or 8 bits", culprit="config")
     gs = k if group_size == -1 or group_size >= k else group_size
     if g_idx is not None:
         mode = 0
@@ -345,6 +434,15 @@ def _launch(qweight, qzeros, scales, g_idx, out, bits, group_size, zero_offset, 
     g_arg = g_idx if g_idx is not None else qweight  # unused pointer when there is no g_idx
     g_strides = (g_idx.stride(0), g_idx.stride(1)) if g_idx is not None else (0, 0)
     grid = (triton.cdiv(n, block_n) * triton.cdiv(k, block_k), e)
+    if variant == ROWSPLIT:
+        _gptq_dequant_rowsplit_kernel[grid](
+            qweight, qzeros, scales, g_arg, out,
+            k, n, gs, zero_offset,
+            *qweight.stride(), *qzeros.stride(), *scales.stride(), *g_strides, *out.stride(),
+            BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, HAS_G_IDX=g_idx is not None, STREAM_OUT=stream,
+            num_warps=num_warps,
+        )  # fmt: skip
+        return
     if variant == KMAJOR:
         _gptq_dequant_kmajor_kernel[grid](
             qweight, qzeros, scales, g_arg, out,
