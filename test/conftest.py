@@ -27,3 +27,11 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoints() -> dict[str, Path]:
+    """The demo checkpoints in ``<repo>/demo`` that the shipped config points at (built once, kept)."""
+    from sglang.srt.enhanced.tools.demo import build_demo
+
+    return build_demo(Path(__file__).resolve().parents[1] / "demo")
