@@ -418,3 +418,20 @@ def test_fp8_errors_name_the_tensor():
     assert err.value.culprit == "x.weight"
     unscaled = torch.randn(3, dtype=torch.bfloat16)
     assert FP8Decoder().decode("n.weight", {"n.weight": unscaled}, torch.bfloat16) is unscaled
+
+
+def test_gptq_shapes_are_checked_from_shapes_alone():
+    """decoded_nbytes (used when the plan is built) refuses inconsistent parts, naming the weight."""
+    dec = GPTQDecoder(GPTQSettings(bits=4, group_size=32))
+    name = "model.layers.0.mlp.experts.1.down_proj.weight"
+    good = {"model.layers.0.mlp.experts.1.down_proj.qweight": (8, 48),
+            "model.layers.0.mlp.experts.1.down_proj.qzeros": (2, 6),
+            "model.layers.0.mlp.experts.1.down_proj.scales": (2, 48)}
+    assert dec.decoded_nbytes(name, good, torch.bfloat16) == 64 * 48 * 2
+    act_order = {**good, "model.layers.0.mlp.experts.1.down_proj.g_idx": (64,)}
+    assert dec.decoded_nbytes(name, act_order, torch.float32) == 64 * 48 * 4
+    for key, shape in (("scales", (2, 24)), ("qzeros", (3, 6)), ("g_idx", (63,))):
+        bad = {**act_order, f"model.layers.0.mlp.experts.1.down_proj.{key}": shape}
+        with pytest.raises(EnhancedError) as info:
+            dec.decoded_nbytes(name, bad, torch.bfloat16)
+        assert info.value.culprit == name

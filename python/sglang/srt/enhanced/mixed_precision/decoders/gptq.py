@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 PART_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+_MISSING = torch.empty(0, device="meta")  # stands for an absent part: fails the dimension checks
 
 
 @dataclass(frozen=True)
@@ -481,9 +482,25 @@ class GPTQDecoder:
                     f"stored tensor missing; parts given: {sorted(part_shapes)}", culprit=logical_name
                 )
             return nbytes_as(tuple(part_shapes[logical_name]), None, dtype)
-        values, words = block_shape(self.settings.bits)
-        rows, out_features = qshape[-2:]
-        return rows // words * values * out_features * dtype.itemsize
+        # Check the parts against each other now, from their shapes alone, so a broken
+        # checkpoint is refused when the plan is built rather than half-way through a load.
+        meta = {
+            suffix: torch.empty(tuple(shape), dtype=torch.float16 if suffix == "scales" else torch.int32,
+                                device="meta")
+            for suffix in ("qweight", "qzeros", "scales")
+            if (shape := part_shapes.get(f"{prefix}.{suffix}")) is not None
+        }
+        g_idx_shape = part_shapes.get(f"{prefix}.g_idx")
+        shapes = check_gptq_shapes(
+            logical_name, meta["qweight"], meta.get("qzeros", _MISSING), meta.get("scales", _MISSING), None,
+            self.settings.bits, self.settings.group_size, strict=g_idx_shape is None,
+        )
+        if g_idx_shape is not None and tuple(g_idx_shape) != (*tuple(qshape)[:-2], shapes.in_features):
+            raise EnhancedError(
+                f"bad GPTQ tensors (g_idx has shape {tuple(g_idx_shape)}, in_features is {shapes.in_features})",
+                culprit=logical_name,
+            )
+        return shapes.in_features * shapes.out_features * dtype.itemsize
 
 
 class GPTQDequantizer:
