@@ -16,7 +16,7 @@ import requests
 REPO = Path(__file__).resolve().parents[2]
 READY_LINE = "The server is fired up and ready to roll"
 CPU_ARGS = ("--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
-            "--enable-p2p-check", "--mem-fraction-static", "0.05")
+            "--enable-p2p-check", "--mem-fraction-static", "0.5", "--max-total-tokens", "65536")
 
 
 def free_port() -> int:

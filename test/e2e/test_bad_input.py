@@ -31,7 +31,6 @@ from .server import REPO, free_port
 pytestmark = pytest.mark.e2e
 
 SHIPPED = REPO / "mixed_precision_config.yaml"
-MEMORY_ARGS = ("--mem-fraction-static", "0.5", "--max-total-tokens", "65536")
 TIMEOUT_S = 300
 ABSENT_WEIGHT = "model.layers.1.mlp.experts.3.down_proj.weight"
 BAD_SCALES_WEIGHT = "model.layers.1.mlp.experts.2.up_proj.weight"
@@ -166,7 +165,7 @@ def run_launcher(config: Path, model: Path, work: Path) -> Outcome:
     port = free_port()
     out, err = work / "stdout.txt", work / "stderr.txt"
     argv = [sys.executable, str(REPO / "launch_enhanced_server.py"), "--config", str(config),
-            "--model", str(model), "--port", str(port), "--host", "127.0.0.1", *MEMORY_ARGS]  # fmt: skip
+            "--model", str(model), "--port", str(port), "--host", "127.0.0.1"]  # fmt: skip
     served = False
     with open(out, "w") as fout, open(err, "w") as ferr:
         proc = subprocess.Popen(argv, cwd=REPO, stdout=fout, stderr=ferr, start_new_session=True)

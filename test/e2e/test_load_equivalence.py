@@ -53,7 +53,6 @@ WEIGHT_ERROR = 0.1
 GPTQ_OPTIONS = {"bits": 4, "group_size": 32, "sym": True, "desc_act": False}
 FP8_BLOCK = (32, 32)
 # Three servers start at once: size the KV pool by tokens, not by the RAM left free by the others.
-MEMORY_ARGS = ("--mem-fraction-static", "0.5", "--max-total-tokens", "65536")
 
 
 def _qwen2_moe(name: str) -> str:
@@ -268,9 +267,9 @@ def served(request: pytest.FixtureRequest, tiny_model_factory, tmp_path_factory)
     logs = work / "logs"
     logs.mkdir()
     servers = [
-        start_stock(bf16, logs, *MEMORY_ARGS),
-        start_enhanced(bf16, logs, *MEMORY_ARGS, config=all_bf16, name="all-bf16"),
-        start_enhanced(bf16, logs, *MEMORY_ARGS, config=mixed, name="mixed"),
+        start_stock(bf16, logs),
+        start_enhanced(bf16, logs, config=all_bf16, name="all-bf16"),
+        start_enhanced(bf16, logs, config=mixed, name="mixed"),
     ]
     try:
         with ThreadPoolExecutor(len(servers)) as pool:

@@ -24,7 +24,6 @@ pytestmark = pytest.mark.e2e
 
 CONFIG = REPO / "mixed_precision_config.yaml"
 # Size the KV pool by tokens rather than by a fraction of the RAM that happens to be free.
-MEMORY_ARGS = ("--mem-fraction-static", "0.5", "--max-total-tokens", "65536")
 MESSAGES = [{"role": "user", "content": "Hello world! How are you today?"}]
 PROMPT = "The quick brown fox jumps over"
 
@@ -59,7 +58,7 @@ def plan_run(demo_checkpoints):
 @pytest.fixture(scope="module")
 def server(demo_checkpoints, plan_run, tmp_path_factory):
     srv = start_enhanced(
-        demo_checkpoints["bf16"], tmp_path_factory.mktemp("serve-demo"), *MEMORY_ARGS, config=CONFIG
+        demo_checkpoints["bf16"], tmp_path_factory.mktemp("serve-demo"), config=CONFIG
     )
     with srv:
         yield srv.wait_ready()

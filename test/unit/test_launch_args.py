@@ -61,7 +61,7 @@ def test_unknown_yaml_keys_are_warned_by_name(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("argv, expected_backend, expected_fraction", [
-    ([], "torch_native", 0.05),
+    ([], "torch_native", 0.5),
     (["--mem-fraction-static", "0.2"], "torch_native", 0.2),
 ])
 def test_cpu_mode_defaults_yield_to_the_command_line(tmp_path, argv, expected_backend, expected_fraction):
@@ -70,3 +70,4 @@ def test_cpu_mode_defaults_yield_to_the_command_line(tmp_path, argv, expected_ba
     assert args.attention_backend == expected_backend
     assert args.disable_cuda_graph is True
     assert args.mem_fraction_static == expected_fraction
+    assert args.max_total_tokens == 65536

@@ -32,12 +32,15 @@ INFERENCE_TO_SERVER_ARGS = {
 }
 SERVER_TO_SERVER_ARGS = {"host": "host", "port": "port"}
 
-# What CPU mode sets unless the command line says otherwise.
+# What CPU mode sets unless the command line says otherwise. On the CPU, SGLang sizes the
+# KV pool from free RAM; a cap on tokens keeps the pool small while a generous fraction keeps
+# the start-up check from failing when other processes take some RAM meanwhile.
 CPU_DEFAULTS = {
     "attention_backend": "torch_native",
     "disable_cuda_graph": True,
     "enable_p2p_check": True,
-    "mem_fraction_static": 0.05,
+    "mem_fraction_static": 0.5,
+    "max_total_tokens": 65536,
 }
 
 
