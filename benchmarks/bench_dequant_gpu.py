@@ -474,6 +474,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write results.json here")
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--focus", action="store_true", help="only the 8-bit act-order and k/v sweeps")
+    parser.add_argument("--layer-repeats", type=int, default=0,
+                        help="only time the whole Qwen3-30B-A3B layer, this many times (with GPTQModel once)")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     env = {
@@ -489,6 +491,13 @@ def main() -> None:
     copy_bw = copy_bandwidth()
     results["copy_GBps"] = copy_bw / 1e9
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    if args.layer_repeats:
+        for i in range(args.layer_repeats):
+            time_layer(copy_bw, gptqmodel if i == 0 else None, results["rows"])
+        times = sorted(r["ms"] for r in results["rows"])
+        print(f"layer GPU time over {len(times)} measurements: min {times[0]:.4f} median "
+              f"{times[len(times) // 2]:.4f} max {times[-1]:.4f} ms")
+        return
     if args.focus:
         for label, e, k, n, act, bits in (
             ("Mixtral w1/w3 4096->14336 8-bit act-order", 0, 4096, 14336, True, 8),
