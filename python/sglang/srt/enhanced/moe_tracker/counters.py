@@ -2,13 +2,19 @@
 
 One forward pass goes::
 
-    record(layer, topk_ids)  # per MoE layer; one copy into a preallocated buffer, capture-safe
+    record(layer, topk_ids)  # per MoE layer: keeps a reference; capture-safe
+    ...                      # at the last MoE layer: one multi-tensor copy into the staging buffer
     fold(num_tokens, phase)  # once, outside graphs: histogram of the pass, added to the totals
 
 ``record`` allocates nothing, never syncs and calls no histogram op, so it may run inside
-CUDA-graph capture. ``fold`` builds one ``[layers, experts + 1]`` histogram with
-``scatter_add_`` (padding ids ``-1`` and out-of-range ids land in the extra column) and
-updates the totals with device ops only; nothing is read back to the host.
+CUDA-graph capture. The copies are deferred to the pass's last MoE layer
+(``flush_layer``) and done there by one ``torch._foreach_copy_``, one kernel instead of one
+per layer (in a CUDA graph as in eager mode). The references held until then keep the
+allocator from reusing the routers' id tensors; a caller must not change an id tensor in
+place before that layer has recorded. ``fold`` reads nothing back to the host. On CUDA it is one Triton
+kernel (``fold_kernel.fold_pass``); elsewhere it builds one ``[layers, experts + 1]``
+histogram with ``scatter_add_`` (padding ids ``-1`` and out-of-range ids land in the extra
+column) and updates the totals with a few torch ops.
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ class ExpertCounters:
     against it stay valid. A pass with more tokens uses a separate *overflow* buffer (grown as
     needed); such passes must run eagerly.
 
+    ``fused_fold`` picks the one-kernel Triton fold (default: on CUDA devices only).
+    ``flush_layer`` (default: the last routing layer) is the layer whose record copies the
+    pass's staged ids; :meth:`fold`, :meth:`staged` and :meth:`flush` copy any still pending.
+
     The totals can grow past the routing shape (host-path records of new layers/experts);
     :meth:`grow` reallocates them, never the staging buffers.
     """
@@ -41,6 +51,7 @@ class ExpertCounters:
         top_k: int,
         max_tokens: int,
         device: torch.device | str = "cpu",
+        fused_fold: bool | None = None,
     ) -> None:
         for name, value in (
             ("num_layers", routing_layers),
@@ -51,6 +62,8 @@ class ExpertCounters:
             if value < 0:
                 raise EnhancedError(f"{name} must be >= 0, got {value}", culprit=name)
         self.device = torch.device(device)
+        # The one-kernel fold is the default on CUDA; ``fused_fold=False`` keeps the torch ops.
+        self.fused_fold = self.device.type == "cuda" if fused_fold is None else fused_fold
         self.routing_layers = routing_layers
         self.routing_experts = routing_experts
         self.top_k = top_k
@@ -61,6 +74,9 @@ class ExpertCounters:
         self._primary_rows = list(self._primary.unbind(0))
         self._overflow_rows: list[torch.Tensor] = []
         self._layer_rows = self._primary_rows
+        self.flush_layer = routing_layers - 1
+        self._pending_dst: list[torch.Tensor] = []
+        self._pending_src: list[torch.Tensor] = []
         self._hist = torch.zeros(
             routing_layers * (routing_experts + 1), dtype=torch.int64, device=self.device
         )
@@ -81,6 +97,7 @@ class ExpertCounters:
 
     def select(self, num_tokens: int) -> None:
         """Pick the staging buffer for a pass of ``num_tokens`` rows (host side, outside graphs)."""
+        self._drop_pending()
         if num_tokens <= self.capacity:
             self._use_primary()
             return
@@ -91,10 +108,11 @@ class ExpertCounters:
         self._active, self._layer_rows = self._overflow, self._overflow_rows
 
     def record(self, layer_id: int, topk_ids: torch.Tensor) -> None:
-        """Stage one layer's ``[num_tokens, k]`` expert ids (``k <= top_k``) with one copy.
+        """Stage one layer's ``[num_tokens, k]`` expert ids (``k <= top_k``).
 
-        Capture-safe: a copy into a slice of the buffer selected for this pass. Rows beyond
-        the pass's tokens (graph padding) are written but ignored by :meth:`fold`.
+        Capture-safe: keeps a reference to ``topk_ids`` and its destination rows in the buffer
+        selected for this pass; the record of ``flush_layer`` copies all of them at once. Rows
+        beyond the pass's tokens (graph padding) are written but ignored by :meth:`fold`.
         """
         try:
             rows = self._layer_rows[layer_id]
@@ -115,7 +133,19 @@ class ExpertCounters:
                 f"a CUDA graph is being captured with {n} tokens, more than max_tokens={self.capacity}",
                 culprit=(layer_id, None),
             )
-        (rows[:n] if k == self.top_k else rows[:n, :k]).copy_(topk_ids, non_blocking=True)
+        self._pending_dst.append(rows[:n] if k == self.top_k else rows[:n, :k])
+        self._pending_src.append(topk_ids)
+        if layer_id == self.flush_layer:
+            self.flush()
+
+    def flush(self) -> None:
+        """Copy every pending record into the staging buffer (one multi-tensor copy; capture-safe)."""
+        if self._pending_src:
+            torch._foreach_copy_(self._pending_dst, self._pending_src, non_blocking=True)
+            self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        self._pending_dst, self._pending_src = [], []
 
     def fold(self, num_tokens: int, phase: int, now: float, clear_rows: int | None = None) -> None:
         """Add the histogram of rows ``[:num_tokens]`` of the staged pass to the totals.
@@ -123,7 +153,15 @@ class ExpertCounters:
         ``clear_rows`` (default ``num_tokens``) rows are then reset to ``-1`` for the next pass.
         No host sync.
         """
+        self.flush()
         buf = self._active
+        if self.fused_fold:
+            from sglang.srt.enhanced.moe_tracker.fold_kernel import fold_pass
+
+            fold_pass(buf, num_tokens, max(num_tokens, clear_rows or 0), self._counts,
+                      self.last_activation_time, phase, now, self.routing_experts)
+            self._use_primary()
+            return
         num_tokens = min(num_tokens, buf.shape[1])
         if num_tokens > 0:
             nl, ne = self.routing_layers, self.routing_experts
@@ -145,6 +183,7 @@ class ExpertCounters:
 
     def discard(self, clear_rows: int) -> None:
         """Drop a staged pass without counting it."""
+        self._drop_pending()
         buf = self._active
         clear = min(clear_rows, buf.shape[1])
         if clear > 0:
@@ -152,7 +191,8 @@ class ExpertCounters:
         self._use_primary()
 
     def staged(self) -> torch.Tensor:
-        """The staging buffer of the current pass (for inspection and tests)."""
+        """The staging buffer of the current pass, pending records copied (for inspection and tests)."""
+        self.flush()
         return self._active
 
     # ------------------------------------------------------------------ totals

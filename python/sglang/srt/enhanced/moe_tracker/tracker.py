@@ -71,6 +71,7 @@ class ExpertActivationTracker:
         self._layer_ids: set[int] = set(layer_ids)
         if self._layer_ids:
             self._counters.grow(max(self._layer_ids) + 1, num_experts)
+            self._counters.flush_layer = max(self._layer_ids)
         self._lock = threading.Lock()
         self._requests: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._max_requests = max_requests
@@ -129,9 +130,11 @@ class ExpertActivationTracker:
     def record_routing(self, layer_id: int, topk_ids: torch.Tensor) -> None:
         """Stage the router's choice ``topk_ids`` ``[num_tokens, top_k]`` of MoE layer ``layer_id``.
 
-        Safe inside CUDA-graph capture: one copy into a preallocated buffer, no allocation, no
-        sync, no histogram. Ids ``< 0`` (padding) or ``>= num_experts`` are ignored when the
-        pass is folded. Every MoE layer must record every row of the pass's real tokens.
+        Safe inside CUDA-graph capture: no allocation, no sync, no histogram. The ids are
+        copied into a preallocated buffer when the last MoE layer (the highest of
+        ``layer_ids``) records, all layers in one copy, so ``topk_ids`` must not be changed
+        in place before then. Ids ``< 0`` (padding) or ``>= num_experts`` are ignored when
+        the pass is folded. Every MoE layer must record every row of the pass's real tokens.
         """
         self._counters.record(layer_id, topk_ids)
 

@@ -1,0 +1,93 @@
+"""One-kernel fold of a staged pass: against hand-computed counts and the torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang.srt.enhanced.errors import EnhancedError
+from sglang.srt.enhanced.moe_tracker.fold_kernel import fold_pass, fold_pass_ref
+
+
+def _totals(layers: int, experts: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.zeros(2, 2, 2, layers, experts, dtype=torch.int64, device=device),
+            torch.zeros(layers, experts, dtype=torch.float64, device=device))
+
+
+@pytest.mark.parametrize("fold", [fold_pass, fold_pass_ref], ids=["kernel", "reference"])
+def test_hand_computed_pass(fold, device: torch.device) -> None:
+    # 2 routing layers (of 3 total), 4 experts (of 5 total), top-2, 4 staged rows, 3 real tokens.
+    staging = torch.tensor([
+        [[0, 1], [0, 2], [3, -1], [1, 1]],
+        [[2, 3], [2, 7], [-1, -1], [0, 0]],
+    ], dtype=torch.int32, device=device)  # fmt: skip
+    counts, last = _totals(3, 5, device)
+    counts[1, 0, 1, 0, 0] = 10  # lifetime decode tokens of (0, 0) stay put and get added to
+    last[1, 3] = 5.0
+    fold(staging, 3, 4, counts, last, 1, 1_700_000_123.25, 4)
+    tokens = [[2, 1, 1, 1, 0], [0, 0, 2, 1, 0], [0] * 5]
+    active = [[1, 1, 1, 1, 0], [0, 0, 1, 1, 0], [0] * 5]
+    assert counts[0, 0, 1].tolist() == tokens
+    assert counts[0, 1, 1].tolist() == active
+    assert counts[1, 0, 1].tolist() == [[12, 1, 1, 1, 0], *tokens[1:]]
+    assert counts[1, 1, 1].tolist() == active
+    assert counts[:, :, 0].sum().item() == 0  # the other phase is untouched
+    t = 1_700_000_123.25
+    assert last.tolist() == [[t, t, t, t, 0.0], [0.0, 0.0, t, t, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
+    assert torch.all(staging == -1)
+
+
+@pytest.mark.parametrize(
+    ("layers", "rows", "top_k", "experts", "num_tokens", "clear_rows"),
+    [(3, 5, 2, 6, 5, 5), (4, 37, 3, 129, 30, 37), (2, 600, 8, 60, 513, 520), (1, 8, 1, 1, 0, 3)],
+)
+def test_kernel_matches_reference(device, layers, rows, top_k, experts, num_tokens, clear_rows) -> None:
+    gen = torch.Generator().manual_seed(layers * 1000 + rows)
+    staging = torch.randint(-1, experts + 2, (layers, rows, top_k), generator=gen, dtype=torch.int32)
+    start = torch.randint(0, 50, (2, 2, 2, layers + 1, experts + 3), generator=gen)
+    results = []
+    for fold in (fold_pass, fold_pass_ref):
+        buf = staging.clone().to(device)
+        counts, last = _totals(layers + 1, experts + 3, device)
+        counts += start.to(device)
+        for i, now in enumerate((100.5, 200.75)):
+            fold(buf if i == 0 else staging.clone().to(device), num_tokens, clear_rows, counts, last, i % 2, now,
+                 experts)
+        results.append((buf.cpu(), counts.cpu(), last.cpu()))
+    (buf_k, counts_k, last_k), (buf_r, counts_r, last_r) = results
+    assert torch.equal(buf_k, buf_r)
+    assert torch.equal(counts_k, counts_r)
+    assert torch.equal(last_k, last_r)
+
+
+def test_bad_layouts_raise(device: torch.device) -> None:
+    counts, last = _totals(2, 4, device)
+    with pytest.raises(EnhancedError) as e:
+        fold_pass(torch.zeros(2, 4, 2, dtype=torch.int64, device=device), 1, 1, counts, last, 0, 0.0, 4)
+    assert e.value.culprit == "staging"
+    with pytest.raises(EnhancedError) as e:
+        fold_pass(torch.zeros(3, 4, 2, dtype=torch.int32, device=device), 1, 1, counts, last, 0, 0.0, 4)
+    assert e.value.culprit == "counts"
+
+
+def test_counters_fold_paths_agree(device: torch.device) -> None:
+    """ExpertCounters with the one-kernel fold and with the torch ops count the same passes."""
+    from sglang.srt.enhanced.moe_tracker.counters import ExpertCounters
+
+    gen = torch.Generator().manual_seed(7)
+    layers, experts, top_k = 3, 5, 2
+    fused = ExpertCounters(layers, experts, top_k, max_tokens=6, device=device, fused_fold=True)
+    plain = ExpertCounters(layers, experts, top_k, max_tokens=6, device=device, fused_fold=False)
+    valid = 0
+    for step, (padded, real) in enumerate([(4, 3), (6, 6), (9, 7), (2, 0), (5, 5)]):  # 9 rows: overflow buffer
+        routing = torch.randint(-1, experts, (layers, padded, top_k), generator=gen, dtype=torch.int32)
+        valid += int((routing[:, :real] >= 0).sum())
+        for counters in (fused, plain):
+            counters.select(padded)
+            for layer in range(layers):
+                counters.record(layer, routing[layer].to(device))
+            counters.fold(real, step % 2, 10.0 + step, clear_rows=padded)
+    for name in ("tokens", "activations", "lifetime_tokens", "lifetime_activations", "last_activation_time"):
+        assert torch.equal(fused.to_cpu()[name], plain.to_cpu()[name]), name
+    assert fused.to_cpu()["tokens"].sum().item() == valid
+    assert torch.all(fused.staged() == -1) and torch.all(plain.staged() == -1)
