@@ -5,13 +5,24 @@ shards listed by ``model.safetensors.index.json`` (then only the files the index
 names are used). Construction reads only each file's header (names, dtypes,
 shapes, byte offsets), never tensor data. Reads go through one ``safe_open``
 handle per file, opened on first use and kept until :meth:`CheckpointSource.close`.
+
+A CPU read returns a tensor backed by the file's memory map, so every page a
+consumer touches stays resident in this process until the map goes.
+:meth:`CheckpointSource.release_pages` drops the resident pages of the tensors read
+so far (Linux ``madvise(MADV_DONTNEED)`` on the file's own mapping; the data stays
+in the page cache and is faulted back in if a tensor is used again). A load that
+releases after each weight therefore holds about one weight of file pages at a
+time instead of every file it has read.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +42,8 @@ __all__ = ["INDEX_FILE", "CheckpointSource", "StoredTensor", "open_sources", "re
 
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 1024 * 1024
+_MADV_DONTNEED = 4
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -110,6 +123,10 @@ class CheckpointSource:
         self._decoder = decoder
         self._logical: dict[str, tuple[str, ...]] | None = None
         self._handles: dict[Path, Any] = {}
+        # Per open file: the address ranges of its memory map, and spans read but not yet released.
+        self._maps: dict[Path, list[tuple[int, int]]] = {}
+        self._read_spans: list[tuple[Path, int, int]] = []
+        self._read_bytes = 0
         self._tensors = self._index()
         self.files: tuple[Path, ...] = tuple(dict.fromkeys(t.file for t in self._tensors.values()))
         logger.debug(
@@ -212,8 +229,51 @@ class CheckpointSource:
             except Exception as e:  # safetensors raises its own error types
                 raise EnhancedError(f"cannot open checkpoint file: {e}", culprit=str(file)) from e
             self._handles[file] = handle
+            self._maps[file] = _mapped_ranges(file)
         tensor = handle.get_tensor(name)
-        return tensor if torch.device(device).type == "cpu" else tensor.to(device)
+        span = (file, tensor.data_ptr(), tensor.numel() * tensor.element_size())
+        if (device if isinstance(device, torch.device) else torch.device(device)).type == "cpu":
+            self._read_spans.append(span)
+            self._read_bytes += span[2]
+            return tensor
+        out = tensor.to(device)  # returns once the host pages have been read
+        del tensor
+        self._release((span,))
+        return out
+
+    def release_pages(self, min_bytes: int = 0) -> int:
+        """Drop this process's resident file pages of every tensor read since the last release.
+
+        Call it once the consumer is done with those tensors. Their data stays valid (it is
+        re-read from the page cache on access); only in-place changes to a tensor would be
+        lost. With ``min_bytes`` nothing happens until at least that many bytes have been
+        read since the last release (fewer, larger releases). Returns the bytes released
+        (0 where memory maps cannot be inspected).
+        """
+        if self._read_bytes < min_bytes or not self._read_spans:
+            return 0
+        spans, self._read_spans, self._read_bytes = self._read_spans, [], 0
+        return self._release(spans)
+
+    def _release(self, spans) -> int:  # noqa: ANN001 - iterable of (file, address, nbytes)
+        # Spans of one file that touch or overlap are merged, so a run of neighbouring
+        # tensors is one call and the pages they share are released too.
+        merged: list[list] = []
+        for file, address, nbytes in sorted(spans):
+            last = merged[-1] if merged else None
+            if last is not None and last[0] == file and address <= last[2] + _PAGE:
+                last[2] = max(last[2], address + nbytes)
+            else:
+                merged.append([file, address, address + nbytes])
+        released = 0
+        for file, address, stop in merged:
+            start = -(-address // _PAGE) * _PAGE
+            end = stop // _PAGE * _PAGE
+            if end <= start or not any(lo <= start and end <= hi for lo, hi in self._maps.get(file, ())):
+                continue
+            if _madvise(start, end - start):
+                released += end - start
+        return released
 
     @property
     def open_files(self) -> tuple[Path, ...]:
@@ -223,6 +283,9 @@ class CheckpointSource:
     def close(self) -> None:
         """Drop every read handle (later reads reopen files)."""
         self._handles.clear()
+        self._maps.clear()
+        self._read_spans.clear()
+        self._read_bytes = 0
 
     def __enter__(self) -> CheckpointSource:
         return self
@@ -265,6 +328,37 @@ class CheckpointSource:
         return (
             f"CheckpointSource({str(self.folder)!r}, {len(self._tensors)} tensors, {len(self.files)} files)"
         )
+
+
+def _mapped_ranges(file: Path) -> list[tuple[int, int]]:
+    """Address ranges at which this process maps ``file`` (empty where /proc is not available)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    target = str(file.resolve())
+    ranges = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == target:
+                    lo, hi = fields[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return ranges
+
+
+_LIBC: Any = None
+
+
+def _madvise(address: int, length: int) -> bool:
+    """``madvise(MADV_DONTNEED)`` on a page-aligned range of a file mapping; False if it fails."""
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        _LIBC.madvise.restype = ctypes.c_int
+    return _LIBC.madvise(address, length, _MADV_DONTNEED) == 0
 
 
 def open_sources(config: EnhancedConfig) -> dict[Precision, CheckpointSource]:

@@ -7,6 +7,11 @@ kernels run on the GPU. Only the weight being yielded is held, except on a GPU
 when the decoder offers ``decode_many``: then the same-shape experts of one
 layer's projection (``...experts.<i>.<proj>``) in one file are read together,
 decoded in one batched call and yielded one by one.
+
+Once the consumer has taken a weight (the generator resumes), the file pages its
+stored parts were read from are released (:meth:`CheckpointSource.release_pages`,
+in batches of ``RELEASE_BYTES`` and at the end of each file), so host memory beyond
+the model itself stays at about ``RELEASE_BYTES`` plus one weight.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ __all__ = ["LoadStats", "iter_plan_weights"]
 
 _EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<index>\d+)\.(?P<rest>.+)$")
 _MAX_BATCH = 512
+# File pages of consumed weights are released once this many bytes have been read.
+RELEASE_BYTES = 32 << 20
 
 
 @dataclass
@@ -113,6 +120,7 @@ def iter_plan_weights(
                     bar.update(1)
                     yield entry.name, tensor
                     del tensor
+                    source.release_pages(RELEASE_BYTES)
                     continue
                 parts_list = [{p: source.read(p, device) for p in e.stored_parts} for e in unit]
                 outs = list(decode_many([e.name for e in unit], parts_list, dtype))  # type: ignore[misc]
@@ -130,6 +138,8 @@ def iter_plan_weights(
                     bar.update(1)
                     yield entry.name, tensor
                     del tensor
+                source.release_pages(RELEASE_BYTES)
+            source.release_pages()
     finally:
         bar.close()
         stats.seconds += time.perf_counter() - start
