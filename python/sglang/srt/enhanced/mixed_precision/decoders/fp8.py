@@ -22,7 +22,11 @@ from typing import Any
 import torch
 
 from sglang.srt.enhanced.errors import EnhancedError
-from sglang.srt.enhanced.mixed_precision.decoders.plain import cast_stored, nbytes_as
+from sglang.srt.enhanced.mixed_precision.decoders.plain import (
+    cast_stored,
+    stored_nbytes,
+    stored_part,
+)
 from sglang.srt.enhanced.mixed_precision.decoders.registry import read_json, register_decoder
 from sglang.srt.enhanced.mixed_precision.kernels.reference import (
     fp8_block_dequant_ref,
@@ -116,9 +120,7 @@ class FP8Decoder:
     def decode(
         self, logical_name: str, parts: Mapping[str, torch.Tensor], dtype: torch.dtype
     ) -> torch.Tensor:
-        weight = parts.get(logical_name)
-        if weight is None:
-            raise EnhancedError(f"stored tensor missing; parts given: {sorted(parts)}", culprit=logical_name)
+        weight = stored_part(logical_name, parts)
         prefix = logical_name[: -len(".weight")] if logical_name.endswith(".weight") else None
         scale_inv = parts.get(f"{prefix}.weight_scale_inv") if prefix else None
         scale = parts.get(f"{prefix}.weight_scale") if prefix else None
@@ -157,11 +159,7 @@ class FP8Decoder:
     def decoded_nbytes(
         self, logical_name: str, part_shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype
     ) -> int:
-        if logical_name not in part_shapes:
-            raise EnhancedError(
-                f"stored tensor missing; parts given: {sorted(part_shapes)}", culprit=logical_name
-            )
-        return nbytes_as(tuple(part_shapes[logical_name]), None, dtype)
+        return stored_nbytes(logical_name, part_shapes, dtype)
 
 
 def _block_dequant(weight, scale_inv, block, dtype, fail) -> torch.Tensor:

@@ -23,7 +23,11 @@ from typing import Any
 import torch
 
 from sglang.srt.enhanced.errors import EnhancedError
-from sglang.srt.enhanced.mixed_precision.decoders.plain import cast_stored, nbytes_as
+from sglang.srt.enhanced.mixed_precision.decoders.plain import (
+    cast_stored,
+    stored_nbytes,
+    stored_part,
+)
 from sglang.srt.enhanced.mixed_precision.decoders.registry import read_json, register_decoder
 from sglang.srt.enhanced.mixed_precision.kernels.reference import gptq_dequant_ref
 from sglang.srt.enhanced.mixed_precision.packing import SUPPORTED_BITS, block_shape, pack_int32
@@ -393,11 +397,7 @@ class GPTQDecoder:
         self, logical_name: str, parts: Mapping[str, torch.Tensor], dtype: torch.dtype
     ) -> torch.Tensor:
         if not self._is_quantized(logical_name, parts):
-            if logical_name not in parts:
-                raise EnhancedError(
-                    f"stored tensor missing; parts given: {sorted(parts)}", culprit=logical_name
-                )
-            return cast_stored(logical_name, parts[logical_name], dtype)
+            return cast_stored(logical_name, stored_part(logical_name, parts), dtype)
         qweight, qzeros, scales, g_idx, shapes = self._prepare(logical_name, parts)
         return _dequant(
             qweight,
@@ -477,11 +477,7 @@ class GPTQDecoder:
         prefix = self._prefix(logical_name)
         qshape = part_shapes.get(f"{prefix}.qweight")
         if qshape is None:
-            if logical_name not in part_shapes:
-                raise EnhancedError(
-                    f"stored tensor missing; parts given: {sorted(part_shapes)}", culprit=logical_name
-                )
-            return nbytes_as(tuple(part_shapes[logical_name]), None, dtype)
+            return stored_nbytes(logical_name, part_shapes, dtype)
         # Check the parts against each other now, from their shapes alone, so a broken
         # checkpoint is refused when the plan is built rather than half-way through a load.
         meta = {

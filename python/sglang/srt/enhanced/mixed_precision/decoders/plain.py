@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.decoders.registry import register_decoder
+
+_T = TypeVar("_T")
 
 
 def cast_stored(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -20,6 +22,19 @@ def cast_stored(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Te
     if tensor.dtype == dtype or not tensor.dtype.is_floating_point:
         return tensor
     return tensor.to(dtype)
+
+
+def stored_part(logical_name: str, parts: Mapping[str, _T]) -> _T:
+    """The part stored under the weight's own name (tensor or shape); an error naming it if absent."""
+    part = parts.get(logical_name)
+    if part is None:
+        raise EnhancedError(f"stored tensor missing; parts given: {sorted(parts)}", culprit=logical_name)
+    return part
+
+
+def stored_nbytes(logical_name: str, part_shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype) -> int:
+    """Bytes in ``dtype`` of a weight stored unquantized under its own name."""
+    return nbytes_as(tuple(stored_part(logical_name, part_shapes)), None, dtype)
 
 
 def nbytes_as(shape: tuple[int, ...], stored_dtype: torch.dtype | None, dtype: torch.dtype) -> int:
@@ -48,15 +63,9 @@ class PlainDecoder:
     def decode(
         self, logical_name: str, parts: Mapping[str, torch.Tensor], dtype: torch.dtype
     ) -> torch.Tensor:
-        if logical_name not in parts:
-            raise EnhancedError(f"stored tensor missing; parts given: {sorted(parts)}", culprit=logical_name)
-        return cast_stored(logical_name, parts[logical_name], dtype)
+        return cast_stored(logical_name, stored_part(logical_name, parts), dtype)
 
     def decoded_nbytes(
         self, logical_name: str, part_shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype
     ) -> int:
-        if logical_name not in part_shapes:
-            raise EnhancedError(
-                f"stored tensor missing; parts given: {sorted(part_shapes)}", culprit=logical_name
-            )
-        return nbytes_as(tuple(part_shapes[logical_name]), None, dtype)
+        return stored_nbytes(logical_name, part_shapes, dtype)
