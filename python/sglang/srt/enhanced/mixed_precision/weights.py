@@ -110,26 +110,17 @@ def iter_plan_weights(
             decoder = source.decoder
             decode_many = getattr(decoder, "decode_many", None) if batched else None
             for unit in _units(entries, source, decode_many is not None):
-                if len(unit) == 1:
-                    (entry,) = unit
-                    parts = {p: source.read(p, device) for p in entry.stored_parts}
-                    tensor = decoder.decode(entry.name, parts, dtype)
-                    del parts
-                    _check(entry, tensor)
-                    stats.add(entry.precision, entry.bytes_on_disk, tensor.numel() * tensor.element_size())
-                    bar.update(1)
-                    yield entry.name, tensor
-                    del tensor
-                    source.release_pages(RELEASE_BYTES)
-                    continue
                 parts_list = [{p: source.read(p, device) for p in e.stored_parts} for e in unit]
-                outs = list(decode_many([e.name for e in unit], parts_list, dtype))  # type: ignore[misc]
+                if len(unit) == 1:
+                    outs = [decoder.decode(unit[0].name, parts_list[0], dtype)]
+                else:
+                    outs = list(decode_many([e.name for e in unit], parts_list, dtype))  # type: ignore[misc]
+                    if len(outs) != len(unit):
+                        raise EnhancedError(
+                            f"decode_many returned {len(outs)} tensors for {len(unit)} weights",
+                            culprit=unit[0].name,
+                        )
                 del parts_list
-                if len(outs) != len(unit):
-                    raise EnhancedError(
-                        f"decode_many returned {len(outs)} tensors for {len(unit)} weights",
-                        culprit=unit[0].name,
-                    )
                 outs.reverse()
                 for entry in unit:
                     tensor = outs.pop()
@@ -138,7 +129,7 @@ def iter_plan_weights(
                     bar.update(1)
                     yield entry.name, tensor
                     del tensor
-                source.release_pages(RELEASE_BYTES)
+                    source.release_pages(RELEASE_BYTES)
             source.release_pages()
     finally:
         bar.close()
