@@ -74,7 +74,8 @@ def _tracker(args: argparse.Namespace, device: torch.device, fused: bool = True)
     tracker = ExpertActivationTracker(
         args.layers, args.experts, args.top_k, max_tokens=max(args.batches), device=device
     )
-    tracker._counters.fused_fold = fused and device.type == "cuda"  # noqa: SLF001 - benchmark switch
+    if device.type == "cuda":
+        tracker._counters.fold_impl = "triton" if fused else "torch"  # noqa: SLF001 - benchmark switch
     return tracker
 
 

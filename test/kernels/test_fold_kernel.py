@@ -71,23 +71,35 @@ def test_bad_layouts_raise(device: torch.device) -> None:
 
 
 def test_counters_fold_paths_agree(device: torch.device) -> None:
-    """ExpertCounters with the one-kernel fold and with the torch ops count the same passes."""
+    """ExpertCounters count the same passes with every fold implementation."""
     from sglang.srt.enhanced.moe_tracker.counters import ExpertCounters
 
     gen = torch.Generator().manual_seed(7)
     layers, experts, top_k = 3, 5, 2
-    fused = ExpertCounters(layers, experts, top_k, max_tokens=6, device=device, fused_fold=True)
-    plain = ExpertCounters(layers, experts, top_k, max_tokens=6, device=device, fused_fold=False)
+    impls = ["triton", "torch"] + (["numpy"] if device.type == "cpu" else [])
+    counters = {impl: ExpertCounters(layers, experts, top_k, max_tokens=6, device=device, fold_impl=impl)
+                for impl in impls}
     valid = 0
     for step, (padded, real) in enumerate([(4, 3), (6, 6), (9, 7), (2, 0), (5, 5)]):  # 9 rows: overflow buffer
-        routing = torch.randint(-1, experts, (layers, padded, top_k), generator=gen, dtype=torch.int32)
-        valid += int((routing[:, :real] >= 0).sum())
-        for counters in (fused, plain):
-            counters.select(padded)
+        routing = torch.randint(-1, experts + 1, (layers, padded, top_k), generator=gen, dtype=torch.int32)
+        valid += int(((routing[:, :real] >= 0) & (routing[:, :real] < experts)).sum())
+        for c in counters.values():
+            c.select(padded)
             for layer in range(layers):
-                counters.record(layer, routing[layer].to(device))
-            counters.fold(real, step % 2, 10.0 + step, clear_rows=padded)
-    for name in ("tokens", "activations", "lifetime_tokens", "lifetime_activations", "last_activation_time"):
-        assert torch.equal(fused.to_cpu()[name], plain.to_cpu()[name]), name
-    assert fused.to_cpu()["tokens"].sum().item() == valid
-    assert torch.all(fused.staged() == -1) and torch.all(plain.staged() == -1)
+                c.record(layer, routing[layer].to(device))
+            c.fold(real, step % 2, 10.0 + step, clear_rows=padded)
+    first = counters["triton"].to_cpu()
+    assert first["tokens"].sum().item() == valid
+    for impl, c in counters.items():
+        got = c.to_cpu()
+        for name in ("tokens", "activations", "lifetime_tokens", "lifetime_activations", "last_activation_time"):
+            assert torch.equal(got[name], first[name]), (impl, name)
+        assert torch.all(c.staged() == -1), impl
+
+
+def test_fold_impl_is_checked(device: torch.device) -> None:
+    from sglang.srt.enhanced.moe_tracker.counters import ExpertCounters
+
+    with pytest.raises(EnhancedError) as e:
+        ExpertCounters(1, 2, 1, max_tokens=2, device=device, fold_impl="cuda-graph")
+    assert e.value.culprit == "fold_impl"

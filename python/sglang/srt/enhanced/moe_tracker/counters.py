@@ -11,20 +11,24 @@ CUDA-graph capture. The copies are deferred to the pass's last MoE layer
 (``flush_layer``) and done there by one ``torch._foreach_copy_``, one kernel instead of one
 per layer (in a CUDA graph as in eager mode). The references held until then keep the
 allocator from reusing the routers' id tensors; a caller must not change an id tensor in
-place before that layer has recorded. ``fold`` reads nothing back to the host. On CUDA it is one Triton
-kernel (``fold_kernel.fold_pass``); elsewhere it builds one ``[layers, experts + 1]``
-histogram with ``scatter_add_`` (padding ids ``-1`` and out-of-range ids land in the extra
-column) and updates the totals with a few torch ops.
+place before that layer has recorded. ``fold`` reads nothing back to the host. On CUDA it
+is one Triton kernel (``fold_kernel.fold_pass``); on the CPU a few numpy calls on views of
+the same tensors (a torch op costs several microseconds there, a numpy call one); on
+other devices it builds one ``[layers, experts + 1]`` histogram with ``scatter_add_``
+(padding ids ``-1`` and out-of-range ids land in the extra column) and updates the
+totals with a few torch ops.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.moe_tracker.snapshot import PHASES
 
 EMPTY = -1
+FOLD_IMPLS = ("triton", "numpy", "torch")
 
 
 class ExpertCounters:
@@ -36,7 +40,8 @@ class ExpertCounters:
     against it stay valid. A pass with more tokens uses a separate *overflow* buffer (grown as
     needed); such passes must run eagerly.
 
-    ``fused_fold`` picks the one-kernel Triton fold (default: on CUDA devices only).
+    ``fold_impl`` picks how :meth:`fold` runs: ``"triton"`` (one kernel; the default on
+    CUDA), ``"numpy"`` (the default on the CPU) or ``"torch"`` (torch ops; elsewhere).
     ``flush_layer`` (default: the last routing layer) is the layer whose record copies the
     pass's staged ids; :meth:`fold`, :meth:`staged` and :meth:`flush` copy any still pending.
 
@@ -51,7 +56,7 @@ class ExpertCounters:
         top_k: int,
         max_tokens: int,
         device: torch.device | str = "cpu",
-        fused_fold: bool | None = None,
+        fold_impl: str | None = None,
     ) -> None:
         for name, value in (
             ("num_layers", routing_layers),
@@ -62,8 +67,14 @@ class ExpertCounters:
             if value < 0:
                 raise EnhancedError(f"{name} must be >= 0, got {value}", culprit=name)
         self.device = torch.device(device)
-        # The one-kernel fold is the default on CUDA; ``fused_fold=False`` keeps the torch ops.
-        self.fused_fold = self.device.type == "cuda" if fused_fold is None else fused_fold
+        default = {"cuda": "triton", "cpu": "numpy"}.get(self.device.type, "torch")
+        self.fold_impl = default if fold_impl is None else fold_impl
+        if self.fold_impl not in FOLD_IMPLS or (self.fold_impl == "numpy" and self.device.type != "cpu"):
+            raise EnhancedError(
+                f"fold_impl must be one of {list(FOLD_IMPLS)} (numpy on the CPU only), got {fold_impl!r} "
+                f"on {self.device}",
+                culprit="fold_impl",
+            )
         self.routing_layers = routing_layers
         self.routing_experts = routing_experts
         self.top_k = top_k
@@ -139,10 +150,22 @@ class ExpertCounters:
             self.flush()
 
     def flush(self) -> None:
-        """Copy every pending record into the staging buffer (one multi-tensor copy; capture-safe)."""
-        if self._pending_src:
+        """Copy every pending record into the staging buffer (one multi-tensor copy; capture-safe).
+
+        On the CPU the copies are numpy assignments: unlike a torch op they keep the GIL, so a
+        busy thread beside the forward (SGLang's scheduler loop) does not delay the pass.
+        """
+        if not self._pending_src:
+            return
+        if self.device.type == "cpu":
+            for dst, src in zip(self._pending_dst, self._pending_src, strict=True):
+                if src.device.type == "cpu":
+                    dst.numpy()[...] = src.numpy()
+                else:
+                    dst.copy_(src)
+        else:
             torch._foreach_copy_(self._pending_dst, self._pending_src, non_blocking=True)
-            self._drop_pending()
+        self._drop_pending()
 
     def _drop_pending(self) -> None:
         self._pending_dst, self._pending_src = [], []
@@ -155,7 +178,7 @@ class ExpertCounters:
         """
         self.flush()
         buf = self._active
-        if self.fused_fold:
+        if self.fold_impl == "triton":
             from sglang.srt.enhanced.moe_tracker.fold_kernel import fold_pass
 
             fold_pass(buf, num_tokens, max(num_tokens, clear_rows or 0), self._counts,
@@ -163,6 +186,10 @@ class ExpertCounters:
             self._use_primary()
             return
         num_tokens = min(num_tokens, buf.shape[1])
+        if self.fold_impl == "numpy":
+            self._fold_numpy(buf.numpy(), num_tokens, phase, now, clear_rows)
+            self._use_primary()
+            return
         if num_tokens > 0:
             nl, ne = self.routing_layers, self.routing_experts
             # Ids outside [0, ne) (padding -1 included) go to the dump column ne.
@@ -180,6 +207,24 @@ class ExpertCounters:
         if clear > 0:
             buf[:, :clear].fill_(EMPTY)
         self._use_primary()
+
+    def _fold_numpy(self, buf: np.ndarray, num_tokens: int, phase: int, now: float,
+                    clear_rows: int | None) -> None:
+        """:meth:`fold` on the CPU: numpy views of the staging buffer and the totals."""
+        if num_tokens > 0:
+            nl, ne = self.routing_layers, self.routing_experts
+            ids = buf[:, :num_tokens].reshape(nl, -1)
+            valid = (ids >= 0) & (ids < ne)
+            flat = (ids + self._np_offsets)[valid]
+            hist = np.bincount(flat, minlength=nl * ne).reshape(nl, ne)
+            hit = hist > 0
+            tokens, activations = self._np_fold_targets[phase]
+            tokens += hist
+            activations += hit
+            self._np_fold_last[hit] = now
+        clear = min(max(num_tokens, clear_rows or 0), buf.shape[1])
+        if clear > 0:
+            buf[:, :clear] = EMPTY
 
     def discard(self, clear_rows: int) -> None:
         """Drop a staged pass without counting it."""
@@ -248,6 +293,10 @@ class ExpertCounters:
             (self._counts[:, 0, p, :nl, :ne], self._counts[:, 1, p, :nl, :ne]) for p in range(2)
         ]
         self._fold_last = self.last_activation_time[:nl, :ne]
+        if self.device.type == "cpu":
+            self._np_fold_targets = [(t.numpy(), a.numpy()) for t, a in self._fold_targets]
+            self._np_fold_last = self._fold_last.numpy()
+            self._np_offsets = np.arange(nl, dtype=np.int64).reshape(-1, 1) * ne
 
     def _use_primary(self) -> None:
         self._active, self._layer_rows = self._primary, self._primary_rows
