@@ -35,7 +35,7 @@ log() { printf '[start_enhanced_server] %s\n' "$*" >&2; }
 has_nvidia_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
 source_hash() {
-    (cd "$ROOT" && find python pyproject.toml -type f \( -name '*.py' -o -name '*.pth' -o -name '*.toml' \) \
+    (cd "$ROOT" && find python pyproject.toml -type f \( -name '*.py' -o -name '*.pth' -o -name '*.toml' -o -name '*.html' \) \
         -not -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
 }
 
@@ -68,8 +68,21 @@ build_demo() {
     "$VENV/bin/python" -m sglang.srt.enhanced.tools.demo --out "$ROOT/demo" >/dev/null
 }
 
+# The browser tests drive Debian's headless Chromium; install it where it is missing and we may.
+ensure_browser() {
+    if command -v chromium >/dev/null 2>&1; then return 0; fi
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        log "chromium not found (and cannot install it here): the browser tests will be skipped"
+        return 0
+    fi
+    log "installing Debian's chromium for the browser tests"
+    apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q chromium >/dev/null
+}
+
 run_tests() {
     ensure_env
+    ensure_browser
     cd "$ROOT"
     log "ruff check"
     "$VENV/bin/python" -m ruff check .
@@ -133,6 +146,7 @@ if [ "$DEMO" = 1 ]; then
        -d '{"model": "demo", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}'
   curl "$URL/expert_stats?top_k=5"
   curl -o expert_stats.png "$URL/expert_stats/export?format=png"
+  open $URL/expert_stats/dashboard in a browser (the live expert-load page)
 EOF
 fi
 cd "$ROOT"

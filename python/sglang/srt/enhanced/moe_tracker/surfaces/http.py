@@ -9,6 +9,7 @@ they wrote with the requests recorded here. Routes sit behind the stock
 * ``GET  /expert_stats?layer_id=&expert_id=&top_k=``  statistics (JSON)
 * ``POST /expert_stats/reset``                         zero the statistics
 * ``GET  /expert_stats/export?format=json|csv|png``    a download
+* ``GET  /expert_stats/dashboard``                     the live page polling these (see :mod:`.dashboard`)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sglang.srt.enhanced.moe_tracker.export import FORMATS, render_export
 from sglang.srt.enhanced.moe_tracker.sglang_adapter import SNAPSHOT_PREFIX
 from sglang.srt.enhanced.moe_tracker.snapshot import TrackerSnapshot
 from sglang.srt.enhanced.moe_tracker.stats import expert_activation_stats
+from sglang.srt.enhanced.moe_tracker.surfaces.dashboard import serve_dashboard
 from sglang.srt.enhanced.moe_tracker.surfaces.requests import record_finished_requests
 from sglang.srt.enhanced.moe_tracker.tracker import ExpertActivationTracker
 
@@ -124,6 +126,8 @@ def add_expert_stats_routes(app: FastAPI, server_args: Any, state_dir: Path) -> 
             payload, media_type=_MEDIA_TYPES[fmt],
             headers={"Content-Disposition": f'attachment; filename="expert_stats.{fmt}"'},
         )
+
+    serve_dashboard(app)
 
     if getattr(server_args, "enable_metrics", False):
         from sglang.srt.enhanced.moe_tracker.surfaces.prometheus import add_metrics_refresh
