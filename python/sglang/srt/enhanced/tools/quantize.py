@@ -237,21 +237,21 @@ def _compressed_tensors_config(strategy: str, ignore: list[str]) -> dict[str, An
 # Checkpoint I/O
 
 
-def parse_size(text: str | int) -> int:
-    """``"1GB"``, ``"500MB"``, ``"2GiB"`` or a byte count -> bytes."""
+def parse_size(text: str | int, culprit: str = "max_shard_size") -> int:
+    """``"1GB"``, ``"500MB"``, ``"2GiB"`` or a byte count -> bytes; errors name ``culprit``."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
     if not m:
         raise EnhancedError(
-            f"cannot parse size {text!r}; use e.g. 1GB, 500MB, 2GiB", culprit="max_shard_size"
+            f"cannot parse size {text!r}; use e.g. 1GB, 500MB, 2GiB", culprit=culprit
         )
     unit = m.group(2).rstrip("B")
     base = 1024 if unit.endswith("I") else 1000
     power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
     size = int(float(m.group(1)) * base**power)
     if size <= 0:
-        raise EnhancedError("max shard size must be positive", culprit="max_shard_size")
+        raise EnhancedError("size must be positive", culprit=culprit)
     return size
 
 
