@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import requests
 import torch
+import yaml
 
 from sglang.srt.enhanced.config import Precision
 from sglang.srt.enhanced.mixed_precision.precision_planner import PrecisionPlanner, tokens_from_stats
@@ -64,7 +65,19 @@ def test_plan_from_served_statistics_beats_uniform_and_random(checkpoints, tmp_p
     from transformers import AutoTokenizer
 
     bf16 = checkpoints["bf16"]
-    with start_enhanced(bf16, tmp_path, "--enable-expert-tracking", "--disable-radix-cache", name="bf16") as srv:
+    planner = PrecisionPlanner(bf16, {Precision.INT4: checkpoints["int4"], Precision.FP8: checkpoints["fp8"]})
+    i = planner.keys.index((0, 0))
+    int4, fp8 = (next(o for p, o in zip(planner.precisions[i], planner.options[i], strict=True) if p == want)
+                 for want in (Precision.INT4, Precision.FP8))
+    budget = planner.minimum_bytes + len(planner.keys) * (fp8.nbytes - int4.nbytes) // 4  # a quarter upgraded
+
+    # Served in bf16; the config names the quantized folders the live planner measures.
+    served = tmp_path / "served.yaml"
+    served.write_text(yaml.safe_dump({"mixed_precision": {
+        "bf16_path": str(bf16), "int4_path": str(checkpoints["int4"]), "fp8_path": str(checkpoints["fp8"]),
+        "default": "bf16"}}))
+    with start_enhanced(bf16, tmp_path, "--enable-expert-tracking", "--disable-radix-cache", config=served,
+                        name="bf16") as srv:
         srv.wait_ready()
         requests.post(srv.base_url + "/expert_stats/reset", timeout=60).raise_for_status()
         for _ in range(REPEATS):
@@ -72,14 +85,15 @@ def test_plan_from_served_statistics_beats_uniform_and_random(checkpoints, tmp_p
                 "text": WORKLOAD, "sampling_params": {"max_new_tokens": 4, "temperature": 0}}, timeout=300)
             r.raise_for_status()
         stats = requests.get(srv.base_url + "/expert_stats/export?format=json", timeout=60).json()
+        live = requests.get(srv.base_url + f"/expert_stats/plan?budget={budget}", timeout=300)
+        missing = requests.get(srv.base_url + "/expert_stats/plan", timeout=60)
+        too_small = requests.get(srv.base_url + f"/expert_stats/plan?budget={planner.minimum_bytes - 1}", timeout=60)
     tokens = tokens_from_stats(stats)
     assert sum(tokens.values()) > 0
-
-    planner = PrecisionPlanner(bf16, {Precision.INT4: checkpoints["int4"], Precision.FP8: checkpoints["fp8"]})
-    i = planner.keys.index((0, 0))
-    int4, fp8 = (next(o for p, o in zip(planner.precisions[i], planner.options[i], strict=True) if p == want)
-                 for want in (Precision.INT4, Precision.FP8))
-    budget = planner.minimum_bytes + len(planner.keys) * (fp8.nbytes - int4.nbytes) // 4  # a quarter upgraded
+    assert live.status_code == 200 and live.headers["content-type"].startswith("application/yaml")
+    assert live.text == planner.plan(tokens, budget).to_yaml()  # the live route plans what the tool plans
+    assert missing.status_code == 400 and missing.json()["culprit"] == "budget"
+    assert too_small.status_code == 400 and str(planner.minimum_bytes) in too_small.json()["error"]
     configs = {}
     for strategy in ("optimal", "random", "uniform"):
         plan = planner.plan(tokens, budget, strategy=strategy, seed=0)

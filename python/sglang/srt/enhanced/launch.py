@@ -178,9 +178,16 @@ def _launch(args: argparse.Namespace, explicit: set[str]) -> int:
     from sglang.srt.entrypoints import http_server
 
     if args.enable_expert_tracking:
+        from sglang.srt.enhanced.mixed_precision.plan_route import add_precision_plan_route
+        from sglang.srt.enhanced.moe_tracker.stats import expert_activation_stats
         from sglang.srt.enhanced.moe_tracker.surfaces.http import add_expert_stats_routes
 
-        add_expert_stats_routes(http_server.app, server_args, state_dir)
+        service = add_expert_stats_routes(http_server.app, server_args, state_dir)
+
+        async def statistics() -> dict:
+            return expert_activation_stats(await service.snapshot(), top_k=0)
+
+        add_precision_plan_route(http_server.app, config, statistics)
     http_server.launch_server(server_args)
     return 0
 

@@ -327,3 +327,34 @@ def _opened(
     finally:
         for source in {id(s): s for s in sources.values()}.values():
             source.close()
+
+
+def keep_rules_of(config: EnhancedConfig, reference: Precision = Precision.BF16) -> dict[str, Precision]:
+    """Rules that give every non-expert weight the precision ``config`` gives it.
+
+    The config's own rules that match no routed expert weight are kept as they are; any
+    other weight whose precision they (with ``reference`` as the default) would change gets
+    an exact rule.
+    """
+    with _opened(config) as sources:
+        served = build_plan(config, sources)
+    experts = {n for e in find_experts(served.names).values() for n in e.names}
+    rules = {
+        r.key: r.precision
+        for r in parse_rules(config.mixed_precision.weight_mapping)
+        if not any(r.matches(n) for n in experts)
+    }
+    trial = EnhancedConfig.from_mapping(
+        {"mixed_precision": {**{p.path_key: str(f) for p, f in config.source_paths().items()},
+                             **({reference.path_key: str(config.source_path(reference))}
+                                if config.source_path(reference) else {}),
+                             "default": str(reference),
+                             "weight_mapping": {k: str(p) for k, p in rules.items()}}},
+        model_path=config.model_path,
+    )
+    with _opened(trial) as sources:
+        planned = build_plan(trial, sources)
+    for entry in served.entries:
+        if entry.name not in experts and planned.entry(entry.name).precision != entry.precision:
+            rules[entry.name] = entry.precision
+    return rules

@@ -92,8 +92,8 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def add_expert_stats_routes(app: FastAPI, server_args: Any, state_dir: Path) -> None:
-    """Add the routes (and the recording of finished requests) to SGLang's ``app``."""
+def add_expert_stats_routes(app: FastAPI, server_args: Any, state_dir: Path) -> ExpertStatsService:
+    """Add the routes (and the recording of finished requests) to SGLang's ``app``; return their service."""
     requests = ExpertActivationTracker()  # request records only; counters live in the schedulers
     service = ExpertStatsService(state_dir, requests)
 
@@ -140,3 +140,5 @@ def add_expert_stats_routes(app: FastAPI, server_args: Any, state_dir: Path) -> 
         # request is handled (SGLang's own warm-up request included).
         record_finished_requests(ExpertStatsService._tokenizer_manager(), requests)
         return await call_next(request)
+
+    return service
