@@ -78,7 +78,7 @@ def test_plan_from_served_statistics_beats_uniform_and_random(checkpoints, tmp_p
         "default": "bf16"}}))
     with start_enhanced(bf16, tmp_path, "--enable-expert-tracking", "--disable-radix-cache", config=served,
                         name="bf16") as srv:
-        srv.wait_ready()
+        srv.wait_ready(timeout=600)
         requests.post(srv.base_url + "/expert_stats/reset", timeout=60).raise_for_status()
         for _ in range(REPEATS):
             r = requests.post(srv.base_url + "/generate", json={
@@ -106,7 +106,7 @@ def test_plan_from_served_statistics_beats_uniform_and_random(checkpoints, tmp_p
 
     # The plan serves.
     with start_enhanced(bf16, tmp_path, config=configs["optimal"][0], name="planned") as srv:
-        srv.wait_ready()
+        srv.wait_ready(timeout=600)
         r = requests.post(srv.base_url + "/generate", json={
             "text": WORKLOAD[0], "sampling_params": {"max_new_tokens": 4, "temperature": 0}}, timeout=300)
         r.raise_for_status()
