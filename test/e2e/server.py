@@ -17,6 +17,11 @@ REPO = Path(__file__).resolve().parents[2]
 READY_LINE = "The server is fired up and ready to roll"
 CPU_ARGS = ("--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
             "--enable-p2p-check", "--mem-fraction-static", "0.5", "--max-total-tokens", "65536")
+# The GPU lane (test/gpu_lane): a CUDA machine without sgl-kernel or flashinfer, CUDA graphs on;
+# several servers share the GPU, so each KV pool is capped by tokens.
+GPU_LANE_ARGS = ("--device", "cuda", "--attention-backend", "triton", "--sampling-backend", "pytorch",
+                 "--disable-custom-all-reduce", "--max-total-tokens", "65536", "--cuda-graph-max-bs", "16")
+GPU_LANE = os.environ.get("SGLANG_ENHANCED_E2E_DEVICE") == "cuda"
 
 
 def free_port() -> int:
@@ -87,20 +92,20 @@ class ServerProcess:
 
 def start_enhanced(model: Path, log_dir: Path, *extra: str, config: Path | None = None,
                    env: dict[str, str] | None = None, name: str = "enhanced") -> ServerProcess:
-    """``launch_enhanced_server.py`` on a free port (CPU mode is chosen automatically here)."""
+    """``launch_enhanced_server.py`` on a free port (CPU mode is chosen automatically on CPU)."""
     port = free_port()
     argv = [sys.executable, str(REPO / "launch_enhanced_server.py"), "--model", str(model),
-            "--port", str(port), "--host", "127.0.0.1", *extra]
+            "--port", str(port), "--host", "127.0.0.1", *(GPU_LANE_ARGS if GPU_LANE else ()), *extra]
     if config is not None:
         argv += ["--config", str(config)]
     return ServerProcess(argv, port, log_dir / f"{name}-{port}.log", env)
 
 
 def start_stock(model: Path, log_dir: Path, *extra: str, name: str = "stock") -> ServerProcess:
-    """Stock ``python -m sglang.launch_server`` with SGLang's default loader, on CPU."""
+    """Stock ``python -m sglang.launch_server`` with SGLang's default loader, on CPU (or the GPU lane's GPU)."""
     port = free_port()
     argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--port", str(port),
-            "--host", "127.0.0.1", *CPU_ARGS, *extra]
+            "--host", "127.0.0.1", *(GPU_LANE_ARGS if GPU_LANE else CPU_ARGS), *extra]
     return ServerProcess(argv, port, log_dir / f"{name}-{port}.log")
 
 
