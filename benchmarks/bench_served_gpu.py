@@ -224,6 +224,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="tracking on/off turns at concurrency 1 and 64")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds for one server to start")
+    parser.add_argument("--build-only", action="store_true", help="build the checkpoints, start no server")
     args = parser.parse_args()
 
     server_mod = _server_module()
@@ -232,15 +233,25 @@ def main() -> None:
     logs = out / "servers"
     logs.mkdir(exist_ok=True)
     bf16, int4 = work / "bf16", work / "gptq-int4"
-    timings = {}
-    t = time.perf_counter()
-    checkpoint_gib = build_bf16(bf16, args.layers)
-    timings["build_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    quantize_on_gpu(bf16, int4)
-    timings["quantize_s"] = time.perf_counter() - t
-    print(f"checkpoints: bf16 {checkpoint_gib:.2f} GiB in {timings['build_s']:.0f} s, "
-          f"GPTQ-Int4 in {timings['quantize_s']:.0f} s", flush=True)
+    built = work / "checkpoints.json"
+    if not built.is_file():
+        t = time.perf_counter()
+        gib = build_bf16(bf16, args.layers)
+        build_s = time.perf_counter() - t
+        t = time.perf_counter()
+        quantize_on_gpu(bf16, int4)
+        info = {"layers": args.layers, "checkpoint_bf16_gib": gib, "build_s": build_s,
+                "quantize_s": time.perf_counter() - t}
+        built.write_text(json.dumps(info) + "\n")
+    info = json.loads(built.read_text())
+    if info["layers"] != args.layers:
+        raise SystemExit(f"{work} holds a {info['layers']}-layer model; give another --workdir")
+    print(f"checkpoints: bf16 {info['checkpoint_bf16_gib']:.2f} GiB built in {info['build_s']:.0f} s, "
+          f"GPTQ-Int4 in {info['quantize_s']:.0f} s", flush=True)
+    if args.build_only:
+        return
+    checkpoint_gib = info["checkpoint_bf16_gib"]
+    timings = {"build_s": info["build_s"], "quantize_s": info["quantize_s"]}
     configs = write_configs(work, bf16, int4)
 
     results: dict = {"layers": args.layers, "input_len": args.input_len, "output_len": args.output_len,
@@ -253,7 +264,7 @@ def main() -> None:
         timings["servers_s"] = time.perf_counter() - t
         for name, srv in servers.items():
             results["weights_gib"][name] = weights_gib(srv)
-        prompts = {1: 8, 8: 32, 64: 128}
+        prompts = {1: 4, 8: 16, 64: 64}
 
         def run(name: str, c: int, tag: str) -> float:
             value = bench_serving(servers[name].base_url, bf16, c, prompts[c], args.input_len, args.output_len,
