@@ -48,7 +48,7 @@ if [[ ",$STAGES," == *,e2e,* ]]; then
     stamp "e2e: starting"
     t0=$SECONDS
     E2E="$OUT/e2e"
-    mkdir -p "$E2E"
+    mkdir -p "$E2E" /tmp/lane-e2e
     # One pytest per file (per architecture for the heavy ones), all at once on the one GPU.
     jobs=(
         "standins:test/gpu_lane/test_standins.py test/gpu"

@@ -242,3 +242,32 @@ def test_routing_ops_replay_in_a_cuda_graph(gen) -> None:
         assert ids.tolist() == torch.topk(logits, topk).indices.tolist()
         assert sorted_ids[: int(post_pad[0])].tolist() == ref_ids
         assert expert_ids[: len(ref_experts)].tolist() == ref_experts
+
+
+def test_triton_cache_names_are_added_only_where_missing() -> None:
+    from gpu_lane_kernels import compat
+
+    bare = types.ModuleType("triton.runtime.cache")
+    compat.add_triton_cache_names(bare)
+    assert bare.default_cache_dir.__name__ == "default_cache_dir"
+    kept = types.ModuleType("triton.runtime.cache")
+    kept.default_dump_dir = lambda: "/kept"
+    compat.add_triton_cache_names(kept)
+    assert kept.default_dump_dir() == "/kept"
+
+
+def test_sgl_kernel_version_check_skipped_only_for_the_stand_in(monkeypatch) -> None:
+    from gpu_lane_kernels import compat
+
+    calls = []
+    utils = types.SimpleNamespace(assert_pkg_version=lambda *a: calls.append(a))
+    compat.accept_stand_in_sgl_kernel(utils)
+    stand_in = types.ModuleType("sgl_kernel")
+    gpu_lane_kernels._BUILDERS["sgl_kernel"](stand_in)
+    monkeypatch.setitem(sys.modules, "sgl_kernel", stand_in)
+    utils.assert_pkg_version("sgl-kernel", "0.1.7", "m")
+    utils.assert_pkg_version("flashinfer_python", "0.2.6.post1", "m")
+    assert calls == [("flashinfer_python", "0.2.6.post1", "m")]
+    monkeypatch.setitem(sys.modules, "sgl_kernel", types.ModuleType("sgl_kernel"))  # a real package
+    utils.assert_pkg_version("sgl-kernel", "0.1.7", "m")
+    assert calls[-1] == ("sgl-kernel", "0.1.7", "m")
