@@ -1,7 +1,7 @@
 """What the GPU lane's server will run on: versions, where each package comes from, stand-ins.
 
-Imports every module of SGLang's server path the lane uses; exits non-zero naming the first
-import that fails (with its traceback).
+Imports every module of SGLang's server path the lane uses, including those the server start
+imports lazily; exits non-zero naming the first import that fails (with its traceback).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ SERVER_PATH = (
     "sglang.srt.layers.sampler", "sglang.srt.models.qwen2_moe", "sglang.srt.models.qwen3_moe",
     "sglang.srt.models.mixtral", "sglang.srt.models.olmoe", "sglang.srt.constrained.xgrammar_backend",
     "sglang.srt.enhanced.launch", "sglang.bench_serving",
+    # imported lazily on every server start (ModelRunner.initialize -> apply_torchao_config_to_model)
+    "torchao.quantization", "torchao.quantization.observer",
 )
 
 
