@@ -19,38 +19,42 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> to
     return (xf * (weight.float() + offset)).to(x.dtype)
 
 
-def rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, out: torch.Tensor | None = None,
-            enable_pdl: bool = False) -> torch.Tensor:
-    """``out = input / rms(input) * weight`` (fp32 arithmetic, input's dtype)."""
-    result = _rms(input, weight, eps, 0.0)
+def _store(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``result``, written into ``out`` when the caller passed one."""
     if out is None:
         return result
     out.copy_(result)
     return out
+
+
+def _add_then_norm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                   offset: float) -> None:
+    residual.copy_((input.float() + residual.float()).to(residual.dtype))
+    input.copy_(_rms(residual, weight, eps, offset))
+
+
+def rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, out: torch.Tensor | None = None,
+            enable_pdl: bool = False) -> torch.Tensor:
+    """``out = input / rms(input) * weight`` (fp32 arithmetic, input's dtype)."""
+    return _store(_rms(input, weight, eps, 0.0), out)
 
 
 def fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
                       enable_pdl: bool = False) -> None:
     """In place: ``residual += input``, then ``input = rmsnorm(residual)``."""
-    residual.copy_((input.float() + residual.float()).to(residual.dtype))
-    input.copy_(_rms(residual, weight, eps, 0.0))
+    _add_then_norm(input, residual, weight, eps, 0.0)
 
 
 def gemma_rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, out: torch.Tensor | None = None,
                   enable_pdl: bool = False) -> torch.Tensor:
     """RMSNorm with Gemma's ``(1 + weight)`` scale."""
-    result = _rms(input, weight, eps, 1.0)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return _store(_rms(input, weight, eps, 1.0), out)
 
 
 def gemma_fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
                             enable_pdl: bool = False) -> None:
     """In place, Gemma scale: ``residual += input``, then ``input = gemma_rmsnorm(residual)``."""
-    residual.copy_((input.float() + residual.float()).to(residual.dtype))
-    input.copy_(_rms(residual, weight, eps, 1.0))
+    _add_then_norm(input, residual, weight, eps, 1.0)
 
 
 # ---------------------------------------------------------------- gated activations
@@ -58,11 +62,7 @@ def gemma_fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight:
 
 def _gated(act, input: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     d = input.shape[-1] // 2
-    result = (act(input[..., :d].float()) * input[..., d:].float()).to(input.dtype)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return _store((act(input[..., :d].float()) * input[..., d:].float()).to(input.dtype), out)
 
 
 def silu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None, enable_pdl: bool = False) -> torch.Tensor:
