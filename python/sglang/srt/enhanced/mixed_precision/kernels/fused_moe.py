@@ -1,0 +1,369 @@
+"""Fused MoE over packed experts (GPTQ integers, FP8 e4m3): gate/up GEMM with the activation in
+its epilogue, down GEMM with the routing-weighted top-k sum in its epilogue.
+
+Two kernel shapes, chosen by batch size (``moe_configs.pick_moe_config``):
+
+- ``gemv`` (decode, a few tokens): one program per (token, slot) pair and output tile, no
+  alignment and no padding; the down projection may split K over many programs.
+- ``gemm`` (prefill): pairs grouped by expert in ``BLOCK_M``-row blocks (``moe_align``), tensor
+  core products on weight tiles decoded in registers.
+
+Both accumulate in float32. The gate/up kernel also clears the float32 output that the down
+kernel adds into (atomically); the result is cast to the activation dtype at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang.srt.enhanced.errors import EnhancedError
+from sglang.srt.enhanced.mixed_precision.kernels.moe_align import moe_align_block_size
+from sglang.srt.enhanced.mixed_precision.kernels.moe_configs import GemmConfig, MoEConfig, pick_moe_config
+from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import FP8Experts, GPTQExperts
+from sglang.srt.enhanced.mixed_precision.kernels.reference import fp8_block_dequant_ref, gptq_dequant_ref
+from sglang.srt.enhanced.mixed_precision.kernels.weight_tiles import (
+    _weight_tile,
+    fp8_scale_uniform,
+    gptq_group_mode,
+)
+
+ACTIVATIONS = {"silu": 0, "gelu": 1}
+ZERO_BLOCK = 512
+
+
+@triton.jit
+def _activate(g, ACT: tl.constexpr):
+    if ACT == 0:
+        return g / (1.0 + tl.exp(-g))
+    else:
+        return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+
+
+@triton.jit
+def _clear(zero_ptr, zero_numel, zero_chunk, lin):
+    """Program ``lin`` zeroes its ``zero_chunk`` elements of the float32 output."""
+    start = lin * zero_chunk
+    stop = tl.minimum(start + zero_chunk, zero_numel)
+    i = start
+    while i < stop:  # a while loop: the Triton interpreter runs it with scalar bounds too
+        offs = i + tl.arange(0, 512)
+        tl.store(zero_ptr + offs, tl.zeros((512,), tl.float32), mask=offs < stop)
+        i += 512
+
+
+@triton.jit
+def _fused_moe_gemv_kernel(
+    a_ptr, out_ptr, zero_ptr, topk_ids_ptr, topk_w_ptr,
+    w_ptr, z_ptr, s_ptr, g_ptr,
+    N, K, num_experts, top_k, zero_numel, zero_chunk, gs, zero_offset, BO, BI,
+    sa_m, so_m,
+    sw_e, sw_k, sw_n, sz_e, sz_g, sz_c, ss_e, ss_k, ss_n, sg_e, sg_half, sg_k,
+    FMT: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_MODE: tl.constexpr, GS: tl.constexpr, HAS_G_IDX: tl.constexpr, UNIFORM: tl.constexpr,
+    BLOCKWISE: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
+):  # fmt: skip
+    """One (token, slot) pair ``p`` x ``BLOCK_N`` outputs x one K split.
+
+    GATED: ``out[p, n] = act(x[p // top_k] . W[e, n]) * (x[p // top_k] . W[e, N + n])``;
+    else ``out[p // top_k, n] += topk_w[p] * (a[p] . W[e, n])`` (float32, atomic).
+    """
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    if GATED:
+        _clear(zero_ptr, zero_numel, zero_chunk, p * tl.num_programs(1) + pid_n)
+    e = tl.load(topk_ids_ptr + p).to(tl.int64)
+    if (e < 0) | (e >= num_experts):
+        return
+    row = p // top_k if GATED else p
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    w_e = w_ptr + e * sw_e
+    z_e = z_ptr + e * sz_e
+    s_e = s_ptr + e * ss_e
+    g_e = g_ptr + e * sg_e
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    acc_up = tl.zeros((BLOCK_N,), tl.float32)
+    a_row = a_ptr + row.to(tl.int64) * sa_m
+    for kt in range(0, TILES_PER_SPLIT):
+        k0 = (pid_k * TILES_PER_SPLIT + kt) * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(a_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        v, s = _weight_tile(w_e, z_e, s_e, g_e, offs_n, mask_n, k0, K, gs, zero_offset, BO, BI,
+                            sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
+                            FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
+        acc += s * tl.sum(v * x[None, :], axis=1)
+        if GATED:
+            v, s = _weight_tile(w_e, z_e, s_e, g_e + sg_half, offs_n + N, mask_n, k0, K, gs, zero_offset, BO, BI,
+                                sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
+                                FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
+            acc_up += s * tl.sum(v * x[None, :], axis=1)
+    if GATED:
+        h = _activate(acc, ACT) * acc_up
+        tl.store(out_ptr + p.to(tl.int64) * so_m + offs_n, h.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        wgt = tl.load(topk_w_ptr + p).to(tl.float32)
+        tl.atomic_add(out_ptr + (p // top_k).to(tl.int64) * so_m + offs_n, acc * wgt, mask=mask_n)
+
+
+@triton.jit
+def _fused_moe_gemm_kernel(
+    a_ptr, out_ptr, zero_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, topk_w_ptr,
+    w_ptr, z_ptr, s_ptr, g_ptr,
+    N, K, num_pairs, top_k, zero_numel, zero_chunk, gs, zero_offset, BO, BI,
+    sa_m, so_m,
+    sw_e, sw_k, sw_n, sz_e, sz_g, sz_c, ss_e, ss_k, ss_n, sg_e, sg_half, sg_k,
+    FMT: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_MODE: tl.constexpr, GS: tl.constexpr, HAS_G_IDX: tl.constexpr,
+    UNIFORM: tl.constexpr, BLOCKWISE: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+    K_TILES: tl.constexpr, F32_DOT: tl.constexpr,
+):  # fmt: skip
+    """One ``BLOCK_M``-row block of one expert's pairs x ``BLOCK_N`` outputs (see the gemv kernel)."""
+    pid = tl.program_id(0)
+    if GATED:
+        _clear(zero_ptr, zero_numel, zero_chunk, pid)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    if pid_m * BLOCK_M >= tl.load(num_post_ptr):
+        return
+    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if e < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
+    mask_m = pair < num_pairs
+    row = pair // top_k if GATED else pair
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    w_e = w_ptr + e * sw_e
+    z_e = z_ptr + e * sz_e
+    s_e = s_ptr + e * ss_e
+    g_e = g_ptr + e * sg_e
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for kt in range(0, K_TILES):
+        k0 = kt * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + row[:, None] * sa_m + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
+                    other=0.0)  # fmt: skip
+        if F32_DOT:  # the Triton 3.3 interpreter multiplies bfloat16 tiles wrongly
+            a = a.to(tl.float32)
+        v, s = _weight_tile(w_e, z_e, s_e, g_e, offs_n, mask_n, k0, K, gs, zero_offset, BO, BI,
+                            sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
+                            FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
+        acc += tl.dot(a, tl.trans(v.to(a.dtype))) * s[None, :]
+        if GATED:
+            v, s = _weight_tile(w_e, z_e, s_e, g_e + sg_half, offs_n + N, mask_n, k0, K, gs, zero_offset, BO, BI,
+                                sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
+                                FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
+            acc_up += tl.dot(a, tl.trans(v.to(a.dtype))) * s[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if GATED:
+        h = _activate(acc, ACT) * acc_up
+        tl.store(out_ptr + pair[:, None] * so_m + offs_n[None, :], h.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        wgt = tl.load(topk_w_ptr + pair, mask=mask_m, other=0.0).to(tl.float32)
+        tl.atomic_add(out_ptr + (pair // top_k)[:, None] * so_m + offs_n[None, :], acc * wgt[:, None], mask=mask)
+
+
+def _is_interpreted() -> bool:
+    return type(_fused_moe_gemm_kernel).__name__ == "InterpretedFunction"
+
+
+class _WeightArgs:
+    """Kernel arguments of one stacked packed weight (pointers, strides, constexprs)."""
+
+    def __init__(self, w: GPTQExperts | FP8Experts, block_k: int) -> None:
+        if isinstance(w, GPTQExperts):
+            k = w.in_features
+            gs = k if w.group_size == -1 or w.group_size >= k else w.group_size
+            mode = gptq_group_mode(w.group_size, k, block_k, w.g_idx is not None)
+            g = w.g_idx
+            if g is not None and g.dtype != torch.int32:
+                g = g.to(torch.int32)
+            half = g is not None and g.dim() == 3
+            self.ptrs = (w.qweight, w.qzeros, w.scales, g if g is not None else w.qweight)
+            self.scalars = (gs, w.zero_offset, 1, 1)
+            g_strides = (g.stride(0), g.stride(1) if half else 0, g.stride(-1)) if g is not None else (0, 0, 0)
+            self.strides = (*w.qweight.stride(), *w.qzeros.stride(), *w.scales.stride(), *g_strides)
+            self.meta = dict(FMT=0, BITS=w.bits, GROUP_MODE=mode, GS=gs if mode == 2 else 1,
+                             HAS_G_IDX=g is not None, UNIFORM=True, BLOCKWISE=False)  # fmt: skip
+        else:
+            bo, bi = w.block_size if w.block_size is not None else (1, 1)
+            s = w.scale
+            ss = (s.stride(0), s.stride(2), s.stride(1)) if w.block_size is not None else (s.stride(0), 0, s.stride(1))
+            self.ptrs = (w.weight, w.weight, s, w.weight)
+            self.scalars = (1, 0, bo, bi)
+            wst = w.weight.stride()
+            self.strides = (wst[0], wst[2], wst[1], 0, 0, 0, *ss, 0, 0, 0)
+            self.meta = dict(FMT=1, BITS=8, GROUP_MODE=1, GS=1, HAS_G_IDX=False,
+                             UNIFORM=fp8_scale_uniform(w.block_size, block_k), BLOCKWISE=w.block_size is not None)  # fmt: skip
+
+
+def _launch_gemv(a, out, zero, topk_ids, topk_w, w, n, k, num_experts, top_k, cfg: GemmConfig, gated, act):
+    wa = _WeightArgs(w, cfg.block_k)
+    pairs = topk_ids.numel()
+    k_tiles = triton.cdiv(k, cfg.block_k)
+    split = 1 if gated else max(1, min(cfg.split_k, k_tiles))
+    per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, per_split)
+    grid = (pairs, triton.cdiv(n, cfg.block_n), split)
+    _fused_moe_gemv_kernel[grid](
+        a, out, zero, topk_ids, topk_w, *wa.ptrs,
+        n, k, num_experts, top_k, zero.numel(), triton.cdiv(zero.numel(), grid[0] * grid[1]), *wa.scalars,
+        a.stride(0), out.stride(0), *wa.strides,
+        **wa.meta, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GATED=gated, ACT=act, TILES_PER_SPLIT=per_split,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def _launch_gemm(a, out, zero, align, topk_w, w, n, k, pairs, top_k, block_m, cfg: GemmConfig, gated, act):
+    sorted_ids, expert_ids, num_post = align
+    wa = _WeightArgs(w, cfg.block_k)
+    grid = (expert_ids.numel() * triton.cdiv(n, cfg.block_n),)
+    _fused_moe_gemm_kernel[grid](
+        a, out, zero, sorted_ids, expert_ids, num_post, topk_w, *wa.ptrs,
+        n, k, pairs, top_k, zero.numel(), triton.cdiv(zero.numel(), grid[0]), *wa.scalars,
+        a.stride(0), out.stride(0), *wa.strides,
+        **wa.meta, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GATED=gated, ACT=act,
+        K_TILES=triton.cdiv(k, cfg.block_k), F32_DOT=_is_interpreted(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def _check_moe(x, w13, w2, topk_weights, topk_ids, activation) -> tuple[int, int, int]:
+    if activation not in ACTIVATIONS:
+        raise EnhancedError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}",
+                            culprit="activation")  # fmt: skip
+    if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise EnhancedError(f"x must be 2-D fp16/bf16/fp32, got {tuple(x.shape)} {x.dtype}", culprit="x")
+    e, h = w13.qweight.shape[0] if isinstance(w13, GPTQExperts) else w13.weight.shape[0], x.shape[1]
+    two_i = w13.out_features
+    if w13.in_features != h or two_i % 2 or w2.in_features != two_i // 2 or w2.out_features != h:
+        raise EnhancedError(
+            f"expert shapes do not fit hidden size {h}: w13 [{w13.in_features} -> {two_i}], "
+            f"w2 [{w2.in_features} -> {w2.out_features}]",
+            culprit="w13",
+        )
+    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise EnhancedError(
+            f"topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} do not match "
+            f"{x.shape[0]} tokens",
+            culprit="topk_ids",
+        )
+    if not x.is_cuda and not _is_interpreted():
+        raise EnhancedError("the fused MoE kernels need CUDA tensors or TRITON_INTERPRET=1 set before import",
+                            culprit="x")  # fmt: skip
+    return e, h, two_i // 2
+
+
+def _fused_moe(x, w13, w2, topk_weights, topk_ids, activation, out, config: MoEConfig | None, fmt: str):
+    e, h, inter = _check_moe(x, w13, w2, topk_weights, topk_ids, activation)
+    t, top_k = topk_ids.shape
+    result = out if out is not None else torch.empty((t, h), dtype=x.dtype, device=x.device)
+    if t == 0:
+        return result
+    cfg = config or pick_moe_config(fmt, e, h, inter, top_k, t, x.device)
+    act = ACTIVATIONS[activation]
+    x = x.contiguous()
+    topk_ids = topk_ids.contiguous()
+    topk_weights = topk_weights.contiguous()
+    acc = torch.empty((t, h), dtype=torch.float32, device=x.device)  # cleared by the gate/up kernel
+    mid = torch.empty((t * top_k, inter), dtype=x.dtype, device=x.device)
+    if cfg.path == "gemv":
+        _launch_gemv(x, mid, acc, topk_ids, topk_weights, w13, inter, h, e, top_k, cfg.up, True, act)
+        _launch_gemv(mid, acc, acc, topk_ids, topk_weights, w2, h, inter, e, top_k, cfg.down, False, act)
+    else:
+        align = moe_align_block_size(topk_ids, cfg.block_m, e)
+        pairs = t * top_k
+        _launch_gemm(x, mid, acc, align, topk_weights, w13, inter, h, pairs, top_k, cfg.block_m, cfg.up, True, act)
+        _launch_gemm(mid, acc, acc, align, topk_weights, w2, h, inter, pairs, top_k, cfg.block_m, cfg.down, False,
+                     act)  # fmt: skip
+    result.copy_(acc)
+    return result
+
+
+def fused_moe_gptq(
+    x: torch.Tensor,
+    w13: GPTQExperts,
+    w2: GPTQExperts,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    out: torch.Tensor | None = None,
+    config: MoEConfig | None = None,
+) -> torch.Tensor:
+    """``sum_j topk_weights[t, j] * down_e(act(gate_e(x[t])) * up_e(x[t]))`` with ``e = topk_ids[t, j]``.
+
+    ``w13``: gate then up stacked along the output dim (``[E, H*bits/32, 2I]``); ``w2``: ``[E, I*bits/32, H]``.
+    Pairs routed to experts outside ``[0, E)`` contribute nothing. ``config`` overrides the tuned choice.
+    """
+    return _fused_moe(x, w13, w2, topk_weights, topk_ids, activation, out, config, f"int{w13.bits}")
+
+
+def fused_moe_fp8(
+    x: torch.Tensor,
+    w13: FP8Experts,
+    w2: FP8Experts,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    out: torch.Tensor | None = None,
+    config: MoEConfig | None = None,
+) -> torch.Tensor:
+    """:func:`fused_moe_gptq` for FP8 e4m3 experts (``w13 [E, 2I, H]``, ``w2 [E, H, I]``)."""
+    fmt = "fp8_block" if w13.block_size is not None else "fp8_channel"
+    return _fused_moe(x, w13, w2, topk_weights, topk_ids, activation, out, config, fmt)
+
+
+def _expert_weights_f64(w: GPTQExperts | FP8Experts) -> torch.Tensor:
+    """All experts dequantized in float64, nn.Linear layout ``[E, N, K]``."""
+    if isinstance(w, FP8Experts):
+        if w.block_size is None:
+            return w.weight.double() * w.scale.double()[..., None]
+        return fp8_block_dequant_ref(w.weight, w.scale, w.block_size, torch.float64)
+    kw = dict(bits=w.bits, group_size=w.group_size, zero_offset=w.zero_offset, out_dtype=torch.float64)
+    if w.g_idx is not None and w.g_idx.dim() == 3:  # gate and up with their own g_idx
+        n = w.out_features // 2
+        gate = gptq_dequant_ref(w.qweight, w.qzeros, w.scales, w.g_idx[:, 0], **kw)[:, :n]
+        up = gptq_dequant_ref(w.qweight, w.qzeros, w.scales, w.g_idx[:, 1], **kw)[:, n:]
+        return torch.cat([gate, up], dim=1)
+    return gptq_dequant_ref(w.qweight, w.qzeros, w.scales, w.g_idx, **kw)
+
+
+def fused_moe_ref(
+    x: torch.Tensor,
+    w13: GPTQExperts | FP8Experts,
+    w2: GPTQExperts | FP8Experts,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """Float64 reference of :func:`fused_moe_gptq` / :func:`fused_moe_fp8` (on the inputs' device)."""
+    w13_f = _expert_weights_f64(w13)
+    w2_f = _expert_weights_f64(w2)
+    e, two_i = w13_f.shape[:2]
+    xf = x.double()
+    out = torch.zeros(x.shape[0], w2_f.shape[1], dtype=torch.float64, device=x.device)
+    for j in range(topk_ids.shape[1]):
+        ids = topk_ids[:, j].long()
+        valid = (ids >= 0) & (ids < e)
+        rows = torch.nonzero(valid).flatten()
+        if rows.numel() == 0:
+            continue
+        ex = ids[rows]
+        gu = torch.einsum("tk,tnk->tn", xf[rows], w13_f[ex])
+        g, u = gu[:, : two_i // 2], gu[:, two_i // 2 :]
+        a = torch.nn.functional.silu(g) if activation == "silu" else torch.nn.functional.gelu(g)
+        y = torch.einsum("tk,tnk->tn", a * u, w2_f[ex])
+        out[rows] += topk_weights[rows, j].double()[:, None] * y
+    return out
+
+
+fused_moe_gptq_ref = fused_moe_ref
+fused_moe_fp8_ref = fused_moe_ref

@@ -1,0 +1,84 @@
+"""Tile configs of the fused MoE kernels: tuned per shape and batch size (JSON in ``configs/``),
+with a heuristic for shapes that were not tuned.
+
+A JSON file maps ``"<fmt>:E<experts>:H<hidden>:I<intermediate>:k<top_k>"`` to ``{"<tokens>": config}``;
+a batch takes the config of the smallest tuned token count at or above it (else the largest).
+Files are written by ``benchmarks/tune_moe_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+    split_k: int = 1  # gemv down projection only
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    path: str  # "gemv" or "gemm"
+    up: GemmConfig
+    down: GemmConfig
+    block_m: int = 16  # gemm only
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> MoEConfig:
+        return MoEConfig(d["path"], GemmConfig(**d["up"]), GemmConfig(**d["down"]), d.get("block_m", 16))
+
+
+def shape_key(fmt: str, e: int, h: int, inter: int, top_k: int) -> str:
+    return f"{fmt}:E{e}:H{h}:I{inter}:k{top_k}"
+
+
+def device_file(device: torch.device) -> Path:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return CONFIG_DIR / f"fused_moe_{name.replace(' ', '_')}.json"
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+TARGET_PROGRAMS = 264  # two per SM of an H100/H200
+INTERPRETER = MoEConfig("gemm", GemmConfig(16, 32), GemmConfig(16, 32), 16)
+
+
+def default_moe_config(fmt: str, e: int, h: int, inter: int, top_k: int, tokens: int) -> MoEConfig:
+    """Heuristic: gemv while pairs rarely share an expert, else 16/64-row expert blocks."""
+    pairs = tokens * top_k
+    if pairs <= max(e, 8):
+        up_n = 32 if pairs * -(-inter // 32) >= 2 * TARGET_PROGRAMS // 3 else 16
+        split = max(1, min(-(-inter // 128), -(-TARGET_PROGRAMS // (pairs * -(-h // 64)))))
+        return MoEConfig("gemv", GemmConfig(up_n, 128, 4, 3), GemmConfig(64, 128, 4, 3, split))
+    block_m = 16 if pairs <= 4 * e else 64
+    return MoEConfig("gemm", GemmConfig(64, 64, 4, 3), GemmConfig(64, 64, 4, 3), block_m)
+
+
+@functools.lru_cache(maxsize=4096)
+def pick_moe_config(fmt: str, e: int, h: int, inter: int, top_k: int, tokens: int, device: torch.device) -> MoEConfig:
+    """The tuned config for this shape and batch (nearest tuned batch at or above), else the heuristic."""
+    if device.type != "cuda":
+        return INTERPRETER
+    table = _load(device_file(device)).get(shape_key(fmt, e, h, inter, top_k))
+    if table:
+        sizes = sorted(int(t) for t in table)
+        pick = next((t for t in sizes if t >= tokens), sizes[-1])
+        return MoEConfig.from_json(table[str(pick)])
+    return default_moe_config(fmt, e, h, inter, top_k, tokens)

@@ -1,0 +1,131 @@
+"""Triton helpers that read one ``[BLOCK_N, BLOCK_K]`` tile of a packed weight into registers.
+
+Shared by the fused MoE and the packed linear kernels. Each returns ``(v, s)``: ``v`` float32
+``[BLOCK_N, BLOCK_K]`` and ``s`` float32 ``[BLOCK_N]`` with ``W[n, k] = v[n, k] * s[n]`` over the
+tile, so a caller folds the per-channel scale in once per tile (``acc += s * (x @ v)``) when the
+tile lies inside one quantization group; otherwise ``s`` is one and ``v`` carries the scales.
+
+GPTQ codes become floats without an int-to-float conversion: ``q | 0x4B000000`` read as float32
+is ``2**23 + q``, and the zero (plus ``2**23``) is subtracted in the same add.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from sglang.srt.enhanced.mixed_precision.kernels.gptq_dequant import _gather_values, _split_words
+
+# Group layouts of a GPTQ tile: scales/zeros gathered per element (act-order, irregular groups),
+# one group row for the whole tile, or BLOCK_K // GS whole groups side by side.
+GROUP_GATHER, GROUP_ONE, GROUP_SPAN = 0, 1, 2
+MAGIC_F32 = 8388608.0  # 2**23
+
+
+def gptq_group_mode(group_size: int, k: int, block_k: int, act_order: bool) -> int:
+    """How a ``block_k``-row tile meets the quantization groups (``group_size`` -1 = one group)."""
+    gs = k if group_size == -1 or group_size >= k else group_size
+    if act_order:
+        return GROUP_GATHER
+    if gs % block_k == 0 or gs >= k:
+        return GROUP_ONE
+    if block_k % gs == 0 and gs & (gs - 1) == 0:
+        return GROUP_SPAN
+    return GROUP_GATHER
+
+
+def fp8_scale_uniform(block_size: tuple[int, int] | None, block_k: int) -> bool:
+    """True when every ``block_k``-wide tile lies inside one scale block along K."""
+    return block_size is None or block_size[1] % block_k == 0
+
+
+@triton.jit
+def _gptq_tile(
+    qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, k0, K, gs, zero_offset,
+    sq_r, sq_n, sz_g, sz_c, ss_g, ss_n, sg_k,
+    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_MODE: tl.constexpr,
+    GS: tl.constexpr, HAS_G_IDX: tl.constexpr,
+):  # fmt: skip
+    """Tile of one GPTQ matrix (pointers already at its expert): codes along K, channels ``offs_n``."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    if 32 % BITS == 0:
+        VPW: tl.constexpr = 32 // BITS
+        BLOCK_R: tl.constexpr = BLOCK_K // VPW
+        offs_r = k0 // VPW + tl.arange(0, BLOCK_R)
+        words = tl.load(
+            qw_ptr + offs_r[None, :] * sq_r + offs_n[:, None] * sq_n,
+            mask=mask_n[:, None] & (offs_r < K // VPW)[None, :],
+            other=0,
+        )
+        q = _split_words(words, BLOCK_N, BLOCK_R, BITS)
+    else:
+        q = _gather_values(qw_ptr + offs_n[:, None] * sq_n, offs_k[None, :], sq_r,
+                           mask_n[:, None] & mask_k[None, :], BITS)  # fmt: skip
+    qf = (q | 0x4B000000).to(tl.float32, bitcast=True)
+    if GROUP_MODE == 1:
+        g = k0 // gs
+        z = _gather_values(qz_ptr + g * sz_g, offs_n, sz_c, mask_n, BITS)
+        s = tl.load(s_ptr + g * ss_g + offs_n * ss_n, mask=mask_n, other=0.0).to(tl.float32)
+        v = qf - ((z + zero_offset).to(tl.float32) + 8388608.0)[:, None]
+    elif GROUP_MODE == 2:
+        GPT: tl.constexpr = BLOCK_K // GS
+        offs_g = k0 // GS + tl.arange(0, GPT)
+        mask_g = mask_n[:, None] & (offs_g * GS < K)[None, :]
+        z = _gather_values(qz_ptr + offs_g[None, :] * sz_g, offs_n[:, None], sz_c, mask_g, BITS)
+        sg = tl.load(s_ptr + offs_g[None, :] * ss_g + offs_n[:, None] * ss_n, mask=mask_g, other=0.0)
+        zf = (z + zero_offset).to(tl.float32) + 8388608.0
+        zf = tl.reshape(tl.broadcast_to(zf[:, :, None], (BLOCK_N, GPT, GS)), (BLOCK_N, BLOCK_K))
+        sf = tl.reshape(tl.broadcast_to(sg.to(tl.float32)[:, :, None], (BLOCK_N, GPT, GS)), (BLOCK_N, BLOCK_K))
+        v = (qf - zf) * sf
+        s = tl.full((BLOCK_N,), 1.0, tl.float32)
+    else:
+        if HAS_G_IDX:
+            g = tl.load(g_ptr + offs_k * sg_k, mask=mask_k, other=0)
+        else:
+            g = offs_k // gs
+        mask = mask_n[:, None] & mask_k[None, :]
+        z = _gather_values(qz_ptr + g[None, :] * sz_g, offs_n[:, None], sz_c, mask, BITS)
+        sg = tl.load(s_ptr + g[None, :] * ss_g + offs_n[:, None] * ss_n, mask=mask, other=0.0)
+        v = (qf - ((z + zero_offset).to(tl.float32) + 8388608.0)) * sg.to(tl.float32)
+        s = tl.full((BLOCK_N,), 1.0, tl.float32)
+    return v, s
+
+
+@triton.jit
+def _fp8_tile(
+    w_ptr, s_ptr, offs_n, mask_n, k0, K, BO, BI, sw_n, sw_k, ss_n, ss_k,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKWISE: tl.constexpr, UNIFORM: tl.constexpr,
+):  # fmt: skip
+    """Tile of one FP8 matrix ``[N, K]``: block scales ``s[n // BO, k // BI]`` or per-channel ``s[n]``."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    mask = mask_n[:, None] & mask_k[None, :]
+    v = tl.load(w_ptr + offs_n[:, None] * sw_n + offs_k[None, :] * sw_k, mask=mask, other=0.0).to(tl.float32)
+    if not BLOCKWISE:
+        s = tl.load(s_ptr + offs_n * ss_n, mask=mask_n, other=0.0)
+    elif UNIFORM:
+        s = tl.load(s_ptr + (offs_n // BO) * ss_n + (k0 // BI) * ss_k, mask=mask_n, other=0.0)
+    else:
+        sg = tl.load(s_ptr + (offs_n // BO)[:, None] * ss_n + (offs_k // BI)[None, :] * ss_k, mask=mask, other=0.0)
+        v = v * sg
+        s = tl.full((BLOCK_N,), 1.0, tl.float32)
+    return v, s.to(tl.float32)
+
+
+@triton.jit
+def _weight_tile(
+    w_ptr, z_ptr, s_ptr, g_ptr, offs_n, mask_n, k0, K, gs, zero_offset, BO, BI,
+    sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
+    FMT: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_MODE: tl.constexpr, GS: tl.constexpr, HAS_G_IDX: tl.constexpr, UNIFORM: tl.constexpr,
+    BLOCKWISE: tl.constexpr,
+):  # fmt: skip
+    """GPTQ (``FMT`` 0: ``sw_k`` strides packed rows) or FP8 (``FMT`` 1: ``sw_k`` strides elements)."""
+    if FMT == 0:
+        return _gptq_tile(w_ptr, z_ptr, s_ptr, g_ptr, offs_n, mask_n, k0, K, gs, zero_offset,
+                          sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
+                          BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX)  # fmt: skip
+    else:
+        return _fp8_tile(w_ptr, s_ptr, offs_n, mask_n, k0, K, BO, BI, sw_n, sw_k, ss_n, ss_k,
+                         BLOCK_N, BLOCK_K, BLOCKWISE, UNIFORM)  # fmt: skip

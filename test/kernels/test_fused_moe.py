@@ -1,0 +1,115 @@
+"""Fused MoE kernels (both shapes: gemv and expert-blocked gemm) vs the float64 reference."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():  # before the kernel module defines its kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+from moe_cases import make_fp8, make_gptq, make_routing  # noqa: E402
+from poison import poisoned  # noqa: E402, F401
+
+from sglang.srt.enhanced.errors import EnhancedError  # noqa: E402
+from sglang.srt.enhanced.mixed_precision.kernels.fused_moe import (  # noqa: E402
+    fused_moe_fp8,
+    fused_moe_gptq,
+    fused_moe_ref,
+)
+from sglang.srt.enhanced.mixed_precision.kernels.moe_configs import GemmConfig, MoEConfig  # noqa: E402
+
+GEMV = MoEConfig("gemv", GemmConfig(32, 32), GemmConfig(32, 32, split_k=2))
+GEMM = MoEConfig("gemm", GemmConfig(32, 32), GemmConfig(32, 32), block_m=16)
+# Relative Frobenius error: bf16 activations and a bf16 intermediate (act(gate) * up).
+REL_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(y).any(), "unwritten or invalid outputs"
+    return float((y.double().cpu() - ref.cpu()).norm() / ref.cpu().norm())
+
+
+GPTQ_CASES = [
+    # bits, group, act_order, split g_idx, sym, zero_offset, hidden, inter, tokens, experts, top_k, path
+    (4, 16, False, False, False, 1, 48, 24, 5, 4, 2, GEMV),  # groups span the tile, partial tiles
+    (4, 32, False, False, True, 1, 48, 24, 5, 4, 2, GEMM),  # tile inside one group, padded blocks
+    (4, -1, False, False, False, 0, 32, 40, 3, 3, 3, GEMM),  # one group, gptq_v2, all experts used
+    (4, 16, True, False, False, 1, 32, 16, 4, 4, 2, GEMV),  # act-order
+    (4, 16, True, True, False, 1, 32, 16, 4, 4, 2, GEMM),  # act-order, gate and up with their own g_idx
+    (8, 24, False, False, False, 0, 48, 24, 3, 4, 2, GEMV),  # 8-bit, groups cut across tiles
+    (8, 32, False, False, True, 1, 32, 32, 3, 4, 2, GEMM),
+    (2, 32, False, False, False, 1, 32, 32, 3, 4, 2, GEMV),
+    (2, -1, False, False, True, 0, 32, 16, 2, 2, 2, GEMM),
+    (3, 32, False, False, False, 1, 32, 32, 3, 4, 2, GEMV),
+    (3, 32, True, False, False, 1, 32, 32, 3, 4, 2, GEMM),
+]
+
+
+@pytest.mark.parametrize("case", GPTQ_CASES, ids=lambda c: f"{c[0]}bit-g{c[1]}-ao{int(c[2])}{int(c[3])}-{c[-1].path}")
+def test_fused_moe_gptq(case, device, poisoned):  # noqa: F811
+    bits, group, act_order, split, sym, offset, h, inter, t, e, top_k, cfg = case
+    gen = torch.Generator().manual_seed(hash(case[:-1]) % 2**31)
+    w13 = make_gptq(gen, e, h, 2 * inter, bits, group, act_order=act_order, split_g_idx=split, sym=sym,
+                    zero_offset=offset, device=device)  # fmt: skip
+    w2 = make_gptq(gen, e, inter, h, bits, group, act_order=act_order, sym=sym, zero_offset=offset, device=device)
+    tw, ti = make_routing(gen, t, e, top_k, device=device)
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16).to(device)
+    out = torch.full((t, h), float("nan"), dtype=torch.bfloat16, device=device)
+    y = fused_moe_gptq(x, w13, w2, tw, ti, out=out, config=cfg)
+    assert y is out
+    assert rel_err(y, fused_moe_ref(x, w13, w2, tw, ti)) < REL_TOL[torch.bfloat16]
+
+
+FP8_CASES = [
+    # block size, activation, dtype, hidden, inter, path
+    ((16, 32), "silu", torch.bfloat16, 64, 40, GEMV),  # partial scale blocks at the edges
+    ((16, 32), "gelu", torch.float16, 64, 40, GEMM),
+    ((8, 8), "silu", torch.bfloat16, 32, 24, GEMM),  # several scale blocks inside one tile
+    (None, "silu", torch.bfloat16, 48, 24, GEMV),  # per-channel
+    (None, "gelu", torch.bfloat16, 48, 24, GEMM),
+]
+
+
+@pytest.mark.parametrize("case", FP8_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[-1].path}")
+def test_fused_moe_fp8(case, device, poisoned):  # noqa: F811
+    block, act, dtype, h, inter, cfg = case
+    gen = torch.Generator().manual_seed(7 + h)
+    e, t, top_k = 4, 5, 2
+    w13 = make_fp8(gen, e, h, 2 * inter, block, device=device)
+    w2 = make_fp8(gen, e, inter, h, block, device=device)
+    tw, ti = make_routing(gen, t, e, top_k, device=device)
+    x = torch.randn(t, h, generator=gen).to(dtype).to(device)
+    y = fused_moe_fp8(x, w13, w2, tw, ti, activation=act, config=cfg)
+    assert y.dtype == dtype and y.shape == (t, h)
+    assert rel_err(y, fused_moe_ref(x, w13, w2, tw, ti, activation=act)) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("cfg", [GEMV, GEMM], ids=["gemv", "gemm"])
+def test_pairs_of_other_ranks_contribute_nothing(cfg, device, poisoned):  # noqa: F811
+    gen = torch.Generator().manual_seed(3)
+    w13 = make_gptq(gen, 3, 32, 32, 4, 16, device=device)
+    w2 = make_gptq(gen, 3, 16, 32, 4, 16, device=device)
+    x = torch.randn(3, 32, generator=gen).to(torch.bfloat16).to(device)
+    ti = torch.tensor([[0, -1], [2, 7], [-1, -1]], dtype=torch.int32, device=device)
+    tw = torch.rand(3, 2, generator=gen).to(device)
+    y = fused_moe_gptq(x, w13, w2, tw, ti, config=cfg)
+    ref = fused_moe_ref(x, w13, w2, tw, ti)
+    assert (y[2] == 0).all()
+    assert rel_err(y, ref) < REL_TOL[torch.bfloat16]
+
+
+def test_bad_shapes_name_the_culprit(device):
+    gen = torch.Generator().manual_seed(0)
+    w13 = make_gptq(gen, 2, 32, 32, 4, 16, device=device)
+    w2 = make_gptq(gen, 2, 16, 32, 4, 16, device=device)
+    tw, ti = make_routing(gen, 2, 2, 1, device=device)
+    with pytest.raises(EnhancedError, match="hidden size"):
+        fused_moe_gptq(torch.randn(2, 48, device=device).bfloat16(), w13, w2, tw, ti)
+    with pytest.raises(EnhancedError, match="activation"):
+        fused_moe_gptq(torch.randn(2, 32, device=device).bfloat16(), w13, w2, tw, ti, activation="relu")
