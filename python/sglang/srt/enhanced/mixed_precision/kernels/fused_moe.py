@@ -24,9 +24,12 @@ from sglang.srt.enhanced.mixed_precision.kernels.moe_configs import GemmConfig, 
 from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import FP8Experts, GPTQExperts
 from sglang.srt.enhanced.mixed_precision.kernels.reference import fp8_block_dequant_ref, gptq_dequant_ref
 from sglang.srt.enhanced.mixed_precision.kernels.weight_tiles import (
+    _gptq_gemm_tile,
+    _gptq_gemv_tile,
     _weight_tile,
     fp8_scale_uniform,
     gptq_group_mode,
+    gptq_plane_mode,
 )
 
 ACTIVATIONS = {"silu": 0, "gelu": 1}
@@ -63,6 +66,7 @@ def _fused_moe_gemv_kernel(
     FMT: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_MODE: tl.constexpr, GS: tl.constexpr, HAS_G_IDX: tl.constexpr, UNIFORM: tl.constexpr,
     BLOCKWISE: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
+    PLANES: tl.constexpr,
 ):  # fmt: skip
     """One (token, slot) pair ``p`` x ``BLOCK_N`` outputs x one K split.
 
@@ -84,22 +88,39 @@ def _fused_moe_gemv_kernel(
     z_e = z_ptr + e * sz_e
     s_e = s_ptr + e * ss_e
     g_e = g_ptr + e * sg_e
-    acc = tl.zeros((BLOCK_N,), tl.float32)
-    acc_up = tl.zeros((BLOCK_N,), tl.float32)
     a_row = a_ptr + row.to(tl.int64) * sa_m
-    for kt in range(0, TILES_PER_SPLIT):
-        k0 = (pid_k * TILES_PER_SPLIT + kt) * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(a_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        v, s = _weight_tile(w_e, z_e, s_e, g_e, offs_n, mask_n, k0, K, gs, zero_offset, BO, BI,
-                            sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
-                            FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
-        acc += s * tl.sum(v * x[None, :], axis=1)
-        if GATED:
-            v, s = _weight_tile(w_e, z_e, s_e, g_e + sg_half, offs_n + N, mask_n, k0, K, gs, zero_offset, BO, BI,
+    if PLANES:
+        VPW: tl.constexpr = 32 // BITS
+        acc3 = tl.zeros((1, BLOCK_K // VPW, BLOCK_N), tl.float32)
+        acc3_up = tl.zeros((1, BLOCK_K // VPW, BLOCK_N), tl.float32)
+        x_rows = a_row + tl.zeros((1, 1), tl.int64)
+        row_ok = tl.full((1, 1), 1, tl.int1)
+        for kt in range(0, TILES_PER_SPLIT):
+            k0 = (pid_k * TILES_PER_SPLIT + kt) * BLOCK_K
+            acc3 = _gptq_gemv_tile(acc3, x_rows, row_ok, k0, K, w_e, z_e, s_e, g_e, offs_n, mask_n, gs, zero_offset,
+                                   sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k, BITS, BLOCK_K, GROUP_MODE, HAS_G_IDX)  # fmt: skip
+            if GATED:
+                acc3_up = _gptq_gemv_tile(acc3_up, x_rows, row_ok, k0, K, w_e, z_e, s_e, g_e + sg_half, offs_n + N,
+                                          mask_n, gs, zero_offset, sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
+                                          BITS, BLOCK_K, GROUP_MODE, HAS_G_IDX)  # fmt: skip
+        acc = tl.reshape(tl.sum(acc3, axis=1), (BLOCK_N,))
+        acc_up = tl.reshape(tl.sum(acc3_up, axis=1), (BLOCK_N,))
+    else:
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        acc_up = tl.zeros((BLOCK_N,), tl.float32)
+        for kt in range(0, TILES_PER_SPLIT):
+            k0 = (pid_k * TILES_PER_SPLIT + kt) * BLOCK_K
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(a_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            v, s = _weight_tile(w_e, z_e, s_e, g_e, offs_n, mask_n, k0, K, gs, zero_offset, BO, BI,
                                 sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
                                 FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
-            acc_up += s * tl.sum(v * x[None, :], axis=1)
+            acc += s * tl.sum(v * x[None, :], axis=1)
+            if GATED:
+                v, s = _weight_tile(w_e, z_e, s_e, g_e + sg_half, offs_n + N, mask_n, k0, K, gs, zero_offset, BO, BI,
+                                    sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
+                                    FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
+                acc_up += s * tl.sum(v * x[None, :], axis=1)
     if GATED:
         h = _activate(acc, ACT) * acc_up
         tl.store(out_ptr + p.to(tl.int64) * so_m + offs_n, h.to(out_ptr.dtype.element_ty), mask=mask_n)
@@ -118,7 +139,7 @@ def _fused_moe_gemm_kernel(
     FMT: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_MODE: tl.constexpr, GS: tl.constexpr, HAS_G_IDX: tl.constexpr,
     UNIFORM: tl.constexpr, BLOCKWISE: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-    K_TILES: tl.constexpr, F32_DOT: tl.constexpr,
+    K_TILES: tl.constexpr, F32_DOT: tl.constexpr, PLANES: tl.constexpr,
 ):  # fmt: skip
     """One ``BLOCK_M``-row block of one expert's pairs x ``BLOCK_N`` outputs (see the gemv kernel)."""
     pid = tl.program_id(0)
@@ -144,22 +165,34 @@ def _fused_moe_gemm_kernel(
     g_e = g_ptr + e * sg_e
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for kt in range(0, K_TILES):
-        k0 = kt * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + row[:, None] * sa_m + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
-                    other=0.0)  # fmt: skip
-        if F32_DOT:  # the Triton 3.3 interpreter multiplies bfloat16 tiles wrongly
-            a = a.to(tl.float32)
-        v, s = _weight_tile(w_e, z_e, s_e, g_e, offs_n, mask_n, k0, K, gs, zero_offset, BO, BI,
-                            sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
-                            FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
-        acc += tl.dot(a, tl.trans(v.to(a.dtype))) * s[None, :]
-        if GATED:
-            v, s = _weight_tile(w_e, z_e, s_e, g_e + sg_half, offs_n + N, mask_n, k0, K, gs, zero_offset, BO, BI,
+    if PLANES:
+        a_rows = a_ptr + row[:, None] * sa_m
+        for kt in range(0, K_TILES):
+            k0 = kt * BLOCK_K
+            acc = _gptq_gemm_tile(acc, a_rows, mask_m[:, None], k0, K, w_e, z_e, s_e, g_e, offs_n, mask_n, gs,
+                                  zero_offset, sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
+                                  BITS, BLOCK_K, GROUP_MODE, HAS_G_IDX, F32_DOT)  # fmt: skip
+            if GATED:
+                acc_up = _gptq_gemm_tile(acc_up, a_rows, mask_m[:, None], k0, K, w_e, z_e, s_e, g_e + sg_half,
+                                         offs_n + N, mask_n, gs, zero_offset, sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
+                                         BITS, BLOCK_K, GROUP_MODE, HAS_G_IDX, F32_DOT)  # fmt: skip
+    else:
+        for kt in range(0, K_TILES):
+            k0 = kt * BLOCK_K
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + row[:, None] * sa_m + offs_k[None, :],
+                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)  # fmt: skip
+            if F32_DOT:  # the Triton 3.3 interpreter multiplies bfloat16 tiles wrongly
+                a = a.to(tl.float32)
+            v, s = _weight_tile(w_e, z_e, s_e, g_e, offs_n, mask_n, k0, K, gs, zero_offset, BO, BI,
                                 sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
                                 FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
-            acc_up += tl.dot(a, tl.trans(v.to(a.dtype))) * s[None, :]
+            acc += tl.dot(a, tl.trans(v.to(a.dtype))) * s[None, :]
+            if GATED:
+                v, s = _weight_tile(w_e, z_e, s_e, g_e + sg_half, offs_n + N, mask_n, k0, K, gs, zero_offset, BO, BI,
+                                    sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
+                                    FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
+                acc_up += tl.dot(a, tl.trans(v.to(a.dtype))) * s[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if GATED:
         h = _activate(acc, ACT) * acc_up
@@ -180,7 +213,11 @@ class _WeightArgs:
         if isinstance(w, GPTQExperts):
             k = w.in_features
             gs = k if w.group_size == -1 or w.group_size >= k else w.group_size
-            mode = gptq_group_mode(w.group_size, k, block_k, w.g_idx is not None)
+            self.planes = w.bits != 3
+            if self.planes:
+                mode = gptq_plane_mode(w.group_size, k, block_k, w.bits, w.g_idx is not None)
+            else:
+                mode = gptq_group_mode(w.group_size, k, block_k, w.g_idx is not None)
             g = w.g_idx
             if g is not None and g.dtype != torch.int32:
                 g = g.to(torch.int32)
@@ -190,8 +227,9 @@ class _WeightArgs:
             g_strides = (g.stride(0), g.stride(1) if half else 0, g.stride(-1)) if g is not None else (0, 0, 0)
             self.strides = (*w.qweight.stride(), *w.qzeros.stride(), *w.scales.stride(), *g_strides)
             self.meta = dict(FMT=0, BITS=w.bits, GROUP_MODE=mode, GS=gs if mode == 2 else 1,
-                             HAS_G_IDX=g is not None, UNIFORM=True, BLOCKWISE=False)  # fmt: skip
+                             HAS_G_IDX=g is not None, UNIFORM=True, BLOCKWISE=False, PLANES=self.planes)  # fmt: skip
         else:
+            self.planes = False
             bo, bi = w.block_size if w.block_size is not None else (1, 1)
             s = w.scale
             ss = (s.stride(0), s.stride(2), s.stride(1)) if w.block_size is not None else (s.stride(0), 0, s.stride(1))
@@ -200,7 +238,8 @@ class _WeightArgs:
             wst = w.weight.stride()
             self.strides = (wst[0], wst[2], wst[1], 0, 0, 0, *ss, 0, 0, 0)
             self.meta = dict(FMT=1, BITS=8, GROUP_MODE=1, GS=1, HAS_G_IDX=False,
-                             UNIFORM=fp8_scale_uniform(w.block_size, block_k), BLOCKWISE=w.block_size is not None)  # fmt: skip
+                             UNIFORM=fp8_scale_uniform(w.block_size, block_k), BLOCKWISE=w.block_size is not None,
+                             PLANES=False)  # fmt: skip
 
 
 def _launch_gemv(a, out, zero, topk_ids, topk_w, w, n, k, num_experts, top_k, cfg: GemmConfig, gated, act):
@@ -220,16 +259,25 @@ def _launch_gemv(a, out, zero, topk_ids, topk_w, w, n, k, num_experts, top_k, cf
     )  # fmt: skip
 
 
+def _dot_block_k(w: GPTQExperts | FP8Experts, block_k: int) -> int:
+    """Word-plane tiles feed tensor cores ``block_k * bits / 32`` rows deep: at least 16 on a GPU."""
+    if isinstance(w, GPTQExperts) and w.bits != 3 and not _is_interpreted():
+        return max(block_k, 16 * 32 // w.bits)
+    return block_k
+
+
 def _launch_gemm(a, out, zero, align, topk_w, w, n, k, pairs, top_k, block_m, cfg: GemmConfig, gated, act):
     sorted_ids, expert_ids, num_post = align
-    wa = _WeightArgs(w, cfg.block_k)
+    block_k = _dot_block_k(w, cfg.block_k)
+    wa = _WeightArgs(w, block_k)
     grid = (expert_ids.numel() * triton.cdiv(n, cfg.block_n),)
     _fused_moe_gemm_kernel[grid](
         a, out, zero, sorted_ids, expert_ids, num_post, topk_w, *wa.ptrs,
         n, k, pairs, top_k, zero.numel(), triton.cdiv(zero.numel(), grid[0]), *wa.scalars,
         a.stride(0), out.stride(0), *wa.strides,
-        **wa.meta, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GATED=gated, ACT=act,
-        K_TILES=triton.cdiv(k, cfg.block_k), F32_DOT=_is_interpreted(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **wa.meta, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GATED=gated, ACT=act,
+        K_TILES=triton.cdiv(k, block_k), F32_DOT=_is_interpreted(), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
 
 

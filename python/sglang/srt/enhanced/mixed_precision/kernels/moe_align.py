@@ -38,20 +38,19 @@ def moe_align_block_size(
     bucket = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # last bucket: dropped
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, bucket, torch.ones_like(bucket))
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded[num_experts] = 0
+    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
     pad_end = torch.cumsum(padded, 0)
-    pad_start = pad_end - padded
-    pad_start[num_experts] = size  # dropped pairs land past the end
+    beyond = torch.full((1,), size, dtype=torch.int64, device=device)  # dropped pairs land past the end
+    pad_start = torch.cat([pad_end - padded, beyond])
     sorted_bucket, order = torch.sort(bucket, stable=True)
     run_start = torch.cumsum(counts, 0) - counts
     rank = torch.arange(n, device=device) - run_start[sorted_bucket]
     dest = pad_start[sorted_bucket] + rank
     sorted_ids = torch.full((size + 1,), n, dtype=torch.int64, device=device)
     sorted_ids.scatter_(0, torch.clamp(dest, max=size), order)
-    total = pad_end[num_experts - 1 : num_experts]
+    total = pad_end[num_experts - 1 :]
     block_starts = torch.arange(0, size, block_m, device=device)
-    experts = torch.searchsorted(pad_end[:num_experts], block_starts, right=True)
+    experts = torch.searchsorted(pad_end, block_starts, right=True)
     experts = torch.where(block_starts < total, experts, -1)
     return sorted_ids[:size].to(torch.int32), experts.to(torch.int32), total.to(torch.int32)
 

@@ -76,7 +76,9 @@ def pick_moe_config(fmt: str, e: int, h: int, inter: int, top_k: int, tokens: in
     """The tuned config for this shape and batch (nearest tuned batch at or above), else the heuristic."""
     if device.type != "cuda":
         return INTERPRETER
-    table = _load(device_file(device)).get(shape_key(fmt, e, h, inter, top_k))
+    tuned = _load(device_file(device))
+    # Formats not tuned for this shape borrow the int4 tiles (same loops, other bytes per weight).
+    table = tuned.get(shape_key(fmt, e, h, inter, top_k)) or tuned.get(shape_key("int4", e, h, inter, top_k))
     if table:
         sizes = sorted(int(t) for t in table)
         pick = next((t for t in sizes if t >= tokens), sizes[-1])

@@ -23,9 +23,12 @@ from sglang.srt.enhanced.mixed_precision.kernels.reference import (
     gptq_dequant_ref,
 )
 from sglang.srt.enhanced.mixed_precision.kernels.weight_tiles import (
+    _gptq_gemm_tile,
+    _gptq_gemv_tile,
     _weight_tile,
     fp8_scale_uniform,
     gptq_group_mode,
+    gptq_plane_mode,
 )
 
 
@@ -49,7 +52,7 @@ def _packed_linear_kernel(
     FMT: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_MODE: tl.constexpr, GS: tl.constexpr, HAS_G_IDX: tl.constexpr,
     UNIFORM: tl.constexpr, BLOCKWISE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
-    TILES_PER_SPLIT: tl.constexpr, ATOMIC: tl.constexpr, F32_DOT: tl.constexpr,
+    TILES_PER_SPLIT: tl.constexpr, ATOMIC: tl.constexpr, F32_DOT: tl.constexpr, PLANES: tl.constexpr,
 ):  # fmt: skip
     """``BLOCK_M`` rows x ``BLOCK_N`` outputs x one K split; ATOMIC adds float32 partial sums."""
     pid_m = tl.program_id(0)
@@ -60,21 +63,37 @@ def _packed_linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * sx_m
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for kt in range(0, TILES_PER_SPLIT):
-        k0 = (pid_k * TILES_PER_SPLIT + kt) * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-        v, s = _weight_tile(w_ptr, z_ptr, s_ptr, g_ptr, offs_n, mask_n, k0, K, gs, zero_offset, BO, BI,
-                            sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
-                            FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
-        if USE_DOT:
-            if F32_DOT:  # the Triton 3.3 interpreter multiplies bfloat16 tiles wrongly
-                acc += tl.dot(a.to(tl.float32), tl.trans(v)) * s[None, :]
+    if PLANES and USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for kt in range(0, TILES_PER_SPLIT):
+            k0 = (pid_k * TILES_PER_SPLIT + kt) * BLOCK_K
+            acc = _gptq_gemm_tile(acc, x_rows, mask_m[:, None], k0, K, w_ptr, z_ptr, s_ptr, g_ptr, offs_n, mask_n, gs,
+                                  zero_offset, sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
+                                  BITS, BLOCK_K, GROUP_MODE, HAS_G_IDX, F32_DOT)  # fmt: skip
+    elif PLANES:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_K * BITS // 32, BLOCK_N), tl.float32)
+        for kt in range(0, TILES_PER_SPLIT):
+            k0 = (pid_k * TILES_PER_SPLIT + kt) * BLOCK_K
+            acc3 = _gptq_gemv_tile(acc3, x_rows, mask_m[:, None], k0, K, w_ptr, z_ptr, s_ptr, g_ptr, offs_n, mask_n,
+                                   gs, zero_offset, sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
+                                   BITS, BLOCK_K, GROUP_MODE, HAS_G_IDX)  # fmt: skip
+        acc = tl.sum(acc3, axis=1)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for kt in range(0, TILES_PER_SPLIT):
+            k0 = (pid_k * TILES_PER_SPLIT + kt) * BLOCK_K
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+            v, s = _weight_tile(w_ptr, z_ptr, s_ptr, g_ptr, offs_n, mask_n, k0, K, gs, zero_offset, BO, BI,
+                                sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
+                                FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
+            if USE_DOT:
+                if F32_DOT:  # the Triton 3.3 interpreter multiplies bfloat16 tiles wrongly
+                    acc += tl.dot(a.to(tl.float32), tl.trans(v)) * s[None, :]
+                else:
+                    acc += tl.dot(a, tl.trans(v.to(a.dtype))) * s[None, :]
             else:
-                acc += tl.dot(a, tl.trans(v.to(a.dtype))) * s[None, :]
-        else:
-            acc += tl.sum(a.to(tl.float32)[:, None, :] * v[None, :, :], axis=2) * s[None, :]
+                acc += tl.sum(a.to(tl.float32)[:, None, :] * v[None, :, :], axis=2) * s[None, :]
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=mask_n & (pid_k == 0), other=0.0).to(tl.float32)
         acc += b[None, :]
@@ -115,19 +134,23 @@ def _weight_args(w: GPTQExperts | FP8Experts, block_k: int) -> tuple[tuple, tupl
     if isinstance(w, GPTQExperts):
         k = w.in_features
         gs = k if w.group_size == -1 or w.group_size >= k else w.group_size
-        mode = gptq_group_mode(w.group_size, k, block_k, w.g_idx is not None)
+        planes = w.bits != 3
+        if planes:
+            mode = gptq_plane_mode(w.group_size, k, block_k, w.bits, w.g_idx is not None)
+        else:
+            mode = gptq_group_mode(w.group_size, k, block_k, w.g_idx is not None)
         g = w.g_idx.to(torch.int32) if w.g_idx is not None else None
         ptrs = (w.qweight, w.qzeros, w.scales, g if g is not None else w.qweight)
         strides = (*w.qweight.stride(), *w.qzeros.stride(), *w.scales.stride(), g.stride(0) if g is not None else 0)
         meta = dict(FMT=0, BITS=w.bits, GROUP_MODE=mode, GS=gs if mode == 2 else 1, HAS_G_IDX=g is not None,
-                    UNIFORM=True, BLOCKWISE=False)  # fmt: skip
+                    UNIFORM=True, BLOCKWISE=False, PLANES=planes)  # fmt: skip
         return ptrs, (gs, w.zero_offset, 1, 1), strides, meta
     bo, bi = w.block_size if w.block_size is not None else (1, 1)
     s = w.scale.reshape(-1) if w.block_size is None else w.scale
     ss = (s.stride(1), s.stride(0)) if w.block_size is not None else (0, s.stride(0) if s.numel() > 1 else 0)
     strides = (w.weight.stride(1), w.weight.stride(0), 0, 0, *ss, 0)
     meta = dict(FMT=1, BITS=8, GROUP_MODE=1, GS=1, HAS_G_IDX=False,
-                UNIFORM=fp8_scale_uniform(w.block_size, block_k), BLOCKWISE=w.block_size is not None)  # fmt: skip
+                UNIFORM=fp8_scale_uniform(w.block_size, block_k), BLOCKWISE=w.block_size is not None, PLANES=False)  # fmt: skip
     return (w.weight, w.weight, s, w.weight), (1, 0, bo, bi), strides, meta
 
 
@@ -149,8 +172,11 @@ def _packed_linear(x, w, bias, fmt: str, config: LinearConfig | None) -> torch.T
     if m == 0 or n == 0:
         return out.reshape(*lead, n)
     cfg = config or pick_linear_config(fmt, m, n, k, x.device)
-    ptrs, scalars, strides, meta = _weight_args(w, cfg.block_k)
-    k_tiles = triton.cdiv(k, cfg.block_k)
+    block_k = cfg.block_k
+    if cfg.use_dot and isinstance(w, GPTQExperts) and w.bits != 3 and not _is_interpreted():
+        block_k = max(block_k, 16 * 32 // w.bits)  # word-plane tiles feed tensor cores bits/32 as deep
+    ptrs, scalars, strides, meta = _weight_args(w, block_k)
+    k_tiles = triton.cdiv(k, block_k)
     per_split = triton.cdiv(k_tiles, max(1, min(cfg.split_k, k_tiles)))
     split = triton.cdiv(k_tiles, per_split)
     target = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split > 1 else out
@@ -158,7 +184,7 @@ def _packed_linear(x, w, bias, fmt: str, config: LinearConfig | None) -> torch.T
     _packed_linear_kernel[grid](
         x2, target, bias if bias is not None else x2, *ptrs,
         m, n, k, *scalars, x2.stride(0), target.stride(0), *strides,
-        **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None,
+        **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
         USE_DOT=cfg.use_dot, TILES_PER_SPLIT=per_split, ATOMIC=split > 1, F32_DOT=_is_interpreted(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

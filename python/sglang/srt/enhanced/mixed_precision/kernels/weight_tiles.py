@@ -129,3 +129,133 @@ def _weight_tile(
     else:
         return _fp8_tile(w_ptr, s_ptr, offs_n, mask_n, k0, K, BO, BI, sw_n, sw_k, ss_n, ss_k,
                          BLOCK_N, BLOCK_K, BLOCKWISE, UNIFORM)  # fmt: skip
+
+
+# Word-plane GPTQ tiles (2/4/8 bits): a [BLOCK_R, BLOCK_N] tile of packed words is loaded once and
+# value j of every word is taken out as one "plane" (input rows r*VPW + j), so no register
+# reshuffling is needed; the activations are read at the matching rows instead. The dot product
+# over a tile is the same sum in another order.
+GROUP_ROWS = 3  # every packed word lies inside one group (group_size a multiple of 32/bits)
+
+
+def gptq_plane_mode(group_size: int, k: int, block_k: int, bits: int, act_order: bool) -> int:
+    """Group layout for the word-plane tiles: one group per tile, one per word row, or per value."""
+    gs = k if group_size == -1 or group_size >= k else group_size
+    if act_order:
+        return GROUP_GATHER
+    if gs % block_k == 0 or gs >= k:
+        return GROUP_ONE
+    if gs % (32 // bits) == 0:
+        return GROUP_ROWS
+    return GROUP_GATHER
+
+
+@triton.jit
+def _plane_params(qz_ptr, s_ptr, g_rows, offs_n, mask, zero_offset, sz_g, sz_c, ss_g, ss_n, BITS: tl.constexpr):
+    """Zero (plus 2**23, float) and scale of groups ``g_rows [R, 1]`` x channels ``offs_n [1, N]``."""
+    z = _gather_values(qz_ptr + g_rows * sz_g, offs_n, sz_c, mask, BITS)
+    s = tl.load(s_ptr + g_rows * ss_g + offs_n * ss_n, mask=mask, other=0.0).to(tl.float32)
+    return (z + zero_offset).to(tl.float32) + 8388608.0, s
+
+
+@triton.jit
+def _plane_words(qw_ptr, offs_r, mask_r, offs_n, mask_n, sq_r, sq_n):
+    return tl.load(qw_ptr + offs_r[:, None] * sq_r + offs_n[None, :] * sq_n,
+                   mask=mask_r[:, None] & mask_n[None, :], other=0)  # fmt: skip
+
+
+@triton.jit
+def _plane(words, j: tl.constexpr, BITS: tl.constexpr):
+    """Value ``j`` of every word as float32 ``2**23 + q`` (no int-to-float conversion)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    return (((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gptq_gemv_tile(
+    acc, x_rows, mask_m, k0, K, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, gs, zero_offset,
+    sq_r, sq_n, sz_g, sz_c, ss_g, ss_n, sg_k,
+    BITS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_G_IDX: tl.constexpr,
+):  # fmt: skip
+    """CUDA-core products for a few rows: ``acc [BLOCK_M, BLOCK_R, BLOCK_N] +=`` partial sums of
+    ``x[rows, k0 : k0 + BLOCK_K]`` with one tile (``x_rows [BLOCK_M, 1]`` row pointers); the caller
+    reduces over axis 1 at the end."""
+    VPW: tl.constexpr = 32 // BITS
+    BLOCK_R: tl.constexpr = BLOCK_K // VPW
+    offs_r = k0 // VPW + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < K // VPW
+    mask = mask_r[:, None] & mask_n[None, :]
+    words = _plane_words(qw_ptr, offs_r, mask_r, offs_n, mask_n, sq_r, sq_n)
+    if GROUP_MODE == 1:
+        zf, s = _plane_params(qz_ptr, s_ptr, k0 // gs, offs_n[None, :], mask_n[None, :], zero_offset,
+                              sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
+    elif GROUP_MODE == 3:
+        zf, s = _plane_params(qz_ptr, s_ptr, ((offs_r * VPW) // gs)[:, None], offs_n[None, :], mask, zero_offset,
+                              sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
+    part = tl.zeros(acc.shape, tl.float32)
+    for j in tl.static_range(VPW):
+        kj = offs_r * VPW + j
+        xj = tl.load(x_rows + kj[None, :], mask=mask_m & mask_r[None, :], other=0.0).to(tl.float32)[:, :, None]
+        qf = _plane(words, j, BITS)
+        if GROUP_MODE == 0:
+            if HAS_G_IDX:
+                g = tl.load(g_ptr + kj * sg_k, mask=mask_r, other=0)
+            else:
+                g = kj // gs
+            zf, s = _plane_params(qz_ptr, s_ptr, g[:, None], offs_n[None, :], mask, zero_offset,
+                                  sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
+            part += ((qf - zf) * s)[None, :, :] * xj
+        else:
+            part += (qf - zf)[None, :, :] * xj
+    if GROUP_MODE == 0:
+        return acc + part
+    else:
+        return acc + part * s[None, :, :]
+
+
+@triton.jit
+def _gptq_gemm_tile(
+    acc, a_rows, mask_m, k0, K, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, gs, zero_offset,
+    sq_r, sq_n, sz_g, sz_c, ss_g, ss_n, sg_k,
+    BITS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_G_IDX: tl.constexpr,
+    F32_DOT: tl.constexpr,
+):  # fmt: skip
+    """``acc [BLOCK_M, BLOCK_N] += A[rows, k0 : k0 + BLOCK_K] @ W_tile`` on tensor cores, one word plane at a time;
+    ``a_rows [BLOCK_M, 1]`` are row pointers of A."""
+    VPW: tl.constexpr = 32 // BITS
+    BLOCK_R: tl.constexpr = BLOCK_K // VPW
+    offs_r = k0 // VPW + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < K // VPW
+    mask = mask_r[:, None] & mask_n[None, :]
+    words = _plane_words(qw_ptr, offs_r, mask_r, offs_n, mask_n, sq_r, sq_n)
+    if GROUP_MODE == 1:
+        zf, s = _plane_params(qz_ptr, s_ptr, k0 // gs, offs_n[None, :], mask_n[None, :], zero_offset,
+                              sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
+    elif GROUP_MODE == 3:
+        zf, s = _plane_params(qz_ptr, s_ptr, ((offs_r * VPW) // gs)[:, None], offs_n[None, :], mask, zero_offset,
+                              sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
+    part = tl.zeros(acc.shape, tl.float32)
+    for j in tl.static_range(VPW):
+        kj = offs_r * VPW + j
+        a = tl.load(a_rows + kj[None, :], mask=mask_m & mask_r[None, :], other=0.0)
+        qf = _plane(words, j, BITS)
+        if GROUP_MODE == 0:
+            if HAS_G_IDX:
+                g = tl.load(g_ptr + kj * sg_k, mask=mask_r, other=0)
+            else:
+                g = kj // gs
+            zf, s = _plane_params(qz_ptr, s_ptr, g[:, None], offs_n[None, :], mask, zero_offset,
+                                  sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
+            b = (qf - zf) * s
+        elif GROUP_MODE == 3:
+            b = (qf - zf) * s
+        else:
+            b = qf - zf
+        if F32_DOT:  # the Triton 3.3 interpreter multiplies bfloat16 tiles wrongly
+            part = tl.dot(a.to(tl.float32), b, part)
+        else:
+            part = tl.dot(a, b.to(a.dtype), part)
+    if GROUP_MODE == 1:
+        return acc + part * s
+    else:
+        return acc + part
