@@ -30,7 +30,8 @@ from sglang.srt.enhanced.mixed_precision.kernels.fused_moe import fused_moe_fp8,
 from sglang.srt.enhanced.mixed_precision.kernels.moe_configs import pick_moe_config  # noqa: E402
 from sglang.srt.enhanced.mixed_precision.kernels.packed_linear import gptq_linear, gptq_linear_ref  # noqa: E402
 
-VARIANTS = ("bf16", "sglang_int4", "int4", "int4_actorder", "int8", "fp8_block")
+VARIANTS = ("int4", "bf16", "sglang_int4", "fp8_block", "int8", "int4_actorder")
+ZIPF_VARIANTS = ("int4", "bf16", "sglang_int4")  # skewed routing: ours vs the two baselines
 ZIPF = 1.2
 LINEAR_SHAPES = {  # name: (in, out)
     "qwen3 q_proj 2048->4096": (2048, 4096),
@@ -74,6 +75,8 @@ def bench_moe(args, sg, bw, log) -> list[dict]:
                 p13, sc13 = lib.wna16_layout(w13)
                 p2, sc2 = lib.wna16_layout(w2)
             for routing in args.routings:
+                if routing == "zipf" and variant not in args.zipf_variants:
+                    continue
                 for t in args.tokens:
                     rot = ROTATE_SMALL if t <= 64 else ROTATE_LARGE
                     sets = []
@@ -171,6 +174,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(lib.SHAPES))
     ap.add_argument("--tokens", default=",".join(map(str, lib.TOKENS)))
     ap.add_argument("--routings", default="uniform,zipf")
+    ap.add_argument("--zipf-variants", default=",".join(ZIPF_VARIANTS))
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--no-linear", action="store_true")
     ap.add_argument("--linear-only", action="store_true")
@@ -180,6 +184,7 @@ def main() -> None:
     args.tokens = [int(t) for t in args.tokens.split(",")]
     args.routings = args.routings.split(",")
     args.variants = args.variants.split(",")
+    args.zipf_variants = args.zipf_variants.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     sg = lib.load_sglang(args.sglang_src)
