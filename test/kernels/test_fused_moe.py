@@ -113,3 +113,14 @@ def test_bad_shapes_name_the_culprit(device):
         fused_moe_gptq(torch.randn(2, 48, device=device).bfloat16(), w13, w2, tw, ti)
     with pytest.raises(EnhancedError, match="activation"):
         fused_moe_gptq(torch.randn(2, 32, device=device).bfloat16(), w13, w2, tw, ti, activation="relu")
+
+
+def test_down_split_past_the_intermediate_size(device, poisoned):  # noqa: F811
+    """Down projection over 5 K tiles in 3 splits of 2: the last tile lies past I and its last group."""
+    gen = torch.Generator().manual_seed(21)
+    w13 = make_gptq(gen, 2, 32, 160, 4, 16, device=device)
+    w2 = make_gptq(gen, 2, 80, 32, 4, 16, device=device)
+    tw, ti = make_routing(gen, 2, 2, 1, device=device)
+    x = torch.randn(2, 32, generator=gen).to(torch.bfloat16).to(device)
+    cfg = MoEConfig("gemv", GemmConfig(32, 32), GemmConfig(32, 16, split_k=3))
+    assert rel_err(fused_moe_gptq(x, w13, w2, tw, ti, config=cfg), fused_moe_ref(x, w13, w2, tw, ti)) < 1.5e-2

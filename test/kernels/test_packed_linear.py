@@ -83,3 +83,14 @@ def test_wrong_input_width_is_named(device):
     w = squeeze(make_gptq(gen, 1, 64, 32, 4, 32, device=device))
     with pytest.raises(EnhancedError, match="features"):
         gptq_linear(torch.randn(2, 32, device=device).bfloat16(), w)
+
+
+def test_last_k_split_past_the_weight_adds_nothing(device, poisoned):  # noqa: F811
+    """5 K tiles over 3 splits of 2: the last split's second tile lies past K (and past the last group)."""
+    gen = torch.Generator().manual_seed(13)
+    w = squeeze(make_gptq(gen, 1, 160, 32, 4, 32, device=device))
+    x = torch.randn(3, 160, generator=gen).to(torch.bfloat16).to(device)
+    for cfg in (LinearConfig(4, 32, 32, split_k=3, use_dot=False), LinearConfig(16, 32, 32, split_k=3)):
+        assert rel_err(gptq_linear(x, w, config=cfg), gptq_linear_ref(x, w)) < 1e-2
+    f = squeeze(make_fp8(gen, 1, 160, 32, (16, 32), device=device))
+    assert rel_err(fp8_linear(x, f, config=LinearConfig(4, 32, 32, split_k=3, use_dot=False)), fp8_linear_ref(x, f)) < 1e-2

@@ -65,8 +65,9 @@ def _gptq_tile(
     qf = (q | 0x4B000000).to(tl.float32, bitcast=True)
     if GROUP_MODE == 1:
         g = k0 // gs
-        z = _gather_values(qz_ptr + g * sz_g, offs_n, sz_c, mask_n, BITS)
-        s = tl.load(s_ptr + g * ss_g + offs_n * ss_n, mask=mask_n, other=0.0).to(tl.float32)
+        in_k = mask_n & (k0 < K)  # a K split may run past the last group
+        z = _gather_values(qz_ptr + g * sz_g, offs_n, sz_c, in_k, BITS)
+        s = tl.load(s_ptr + g * ss_g + offs_n * ss_n, mask=in_k, other=0.0).to(tl.float32)
         v = qf - ((z + zero_offset).to(tl.float32) + 8388608.0)[:, None]
     elif GROUP_MODE == 2:
         GPT: tl.constexpr = BLOCK_K // GS
@@ -105,7 +106,7 @@ def _fp8_tile(
     if not BLOCKWISE:
         s = tl.load(s_ptr + offs_n * ss_n, mask=mask_n, other=0.0)
     elif UNIFORM:
-        s = tl.load(s_ptr + (offs_n // BO) * ss_n + (k0 // BI) * ss_k, mask=mask_n, other=0.0)
+        s = tl.load(s_ptr + (offs_n // BO) * ss_n + (k0 // BI) * ss_k, mask=mask_n & (k0 < K), other=0.0)
     else:
         sg = tl.load(s_ptr + (offs_n // BO)[:, None] * ss_n + (offs_k // BI)[None, :] * ss_k, mask=mask, other=0.0)
         v = v * sg
@@ -187,7 +188,7 @@ def _gptq_gemv_tile(
     mask = mask_r[:, None] & mask_n[None, :]
     words = _plane_words(qw_ptr, offs_r, mask_r, offs_n, mask_n, sq_r, sq_n)
     if GROUP_MODE == 1:
-        zf, s = _plane_params(qz_ptr, s_ptr, k0 // gs, offs_n[None, :], mask_n[None, :], zero_offset,
+        zf, s = _plane_params(qz_ptr, s_ptr, k0 // gs, offs_n[None, :], (mask_n & (k0 < K))[None, :], zero_offset,
                               sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
     elif GROUP_MODE == 3:
         zf, s = _plane_params(qz_ptr, s_ptr, ((offs_r * VPW) // gs)[:, None], offs_n[None, :], mask, zero_offset,
@@ -229,7 +230,7 @@ def _gptq_gemm_tile(
     mask = mask_r[:, None] & mask_n[None, :]
     words = _plane_words(qw_ptr, offs_r, mask_r, offs_n, mask_n, sq_r, sq_n)
     if GROUP_MODE == 1:
-        zf, s = _plane_params(qz_ptr, s_ptr, k0 // gs, offs_n[None, :], mask_n[None, :], zero_offset,
+        zf, s = _plane_params(qz_ptr, s_ptr, k0 // gs, offs_n[None, :], (mask_n & (k0 < K))[None, :], zero_offset,
                               sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
     elif GROUP_MODE == 3:
         zf, s = _plane_params(qz_ptr, s_ptr, ((offs_r * VPW) // gs)[:, None], offs_n[None, :], mask, zero_offset,
