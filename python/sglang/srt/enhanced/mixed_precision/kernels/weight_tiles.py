@@ -173,14 +173,12 @@ def _plane(words, j: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _gptq_gemv_tile(
-    acc, x_rows, mask_m, k0, K, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, gs, zero_offset,
-    sq_r, sq_n, sz_g, sz_c, ss_g, ss_n, sg_k,
-    BITS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_G_IDX: tl.constexpr,
+def _plane_tile(
+    qw_ptr, qz_ptr, s_ptr, offs_n, mask_n, k0, K, gs, zero_offset, sq_r, sq_n, sz_g, sz_c, ss_g, ss_n,
+    BITS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_MODE: tl.constexpr,
 ):  # fmt: skip
-    """CUDA-core products for a few rows: ``acc [BLOCK_M, BLOCK_R, BLOCK_N] +=`` partial sums of
-    ``x[rows, k0 : k0 + BLOCK_K]`` with one tile (``x_rows [BLOCK_M, 1]`` row pointers); the caller
-    reduces over axis 1 at the end."""
+    """Word rows of a tile, their masks, the packed words, and the zeros/scales that are per tile
+    (GROUP_ONE, ``[1, N]``) or per word row (GROUP_ROWS, ``[R, N]``); GROUP_GATHER gets placeholders."""
     VPW: tl.constexpr = 32 // BITS
     BLOCK_R: tl.constexpr = BLOCK_K // VPW
     offs_r = k0 // VPW + tl.arange(0, BLOCK_R)
@@ -193,6 +191,24 @@ def _gptq_gemv_tile(
     elif GROUP_MODE == 3:
         zf, s = _plane_params(qz_ptr, s_ptr, ((offs_r * VPW) // gs)[:, None], offs_n[None, :], mask, zero_offset,
                               sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
+    else:
+        zf = tl.zeros_like(offs_n[None, :]).to(tl.float32)
+        s = zf
+    return offs_r, mask_r, mask, words, zf, s
+
+
+@triton.jit
+def _gptq_gemv_tile(
+    acc, x_rows, mask_m, k0, K, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, gs, zero_offset,
+    sq_r, sq_n, sz_g, sz_c, ss_g, ss_n, sg_k,
+    BITS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_G_IDX: tl.constexpr,
+):  # fmt: skip
+    """CUDA-core products for a few rows: ``acc [BLOCK_M, BLOCK_R, BLOCK_N] +=`` partial sums of
+    ``x[rows, k0 : k0 + BLOCK_K]`` with one tile (``x_rows [BLOCK_M, 1]`` row pointers); the caller
+    reduces over axis 1 at the end."""
+    VPW: tl.constexpr = 32 // BITS
+    offs_r, mask_r, mask, words, zf, s = _plane_tile(qw_ptr, qz_ptr, s_ptr, offs_n, mask_n, k0, K, gs, zero_offset,
+                                                     sq_r, sq_n, sz_g, sz_c, ss_g, ss_n, BITS, BLOCK_K, GROUP_MODE)  # fmt: skip
     part = tl.zeros(acc.shape, tl.float32)
     for j in tl.static_range(VPW):
         kj = offs_r * VPW + j
@@ -203,9 +219,9 @@ def _gptq_gemv_tile(
                 g = tl.load(g_ptr + kj * sg_k, mask=mask_r, other=0)
             else:
                 g = kj // gs
-            zf, s = _plane_params(qz_ptr, s_ptr, g[:, None], offs_n[None, :], mask, zero_offset,
-                                  sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
-            part += ((qf - zf) * s)[None, :, :] * xj
+            zg, sg = _plane_params(qz_ptr, s_ptr, g[:, None], offs_n[None, :], mask, zero_offset,
+                                   sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
+            part += ((qf - zg) * sg)[None, :, :] * xj
         else:
             part += (qf - zf)[None, :, :] * xj
     if GROUP_MODE == 0:
@@ -224,17 +240,8 @@ def _gptq_gemm_tile(
     """``acc [BLOCK_M, BLOCK_N] += A[rows, k0 : k0 + BLOCK_K] @ W_tile`` on tensor cores, one word plane at a time;
     ``a_rows [BLOCK_M, 1]`` are row pointers of A."""
     VPW: tl.constexpr = 32 // BITS
-    BLOCK_R: tl.constexpr = BLOCK_K // VPW
-    offs_r = k0 // VPW + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < K // VPW
-    mask = mask_r[:, None] & mask_n[None, :]
-    words = _plane_words(qw_ptr, offs_r, mask_r, offs_n, mask_n, sq_r, sq_n)
-    if GROUP_MODE == 1:
-        zf, s = _plane_params(qz_ptr, s_ptr, k0 // gs, offs_n[None, :], (mask_n & (k0 < K))[None, :], zero_offset,
-                              sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
-    elif GROUP_MODE == 3:
-        zf, s = _plane_params(qz_ptr, s_ptr, ((offs_r * VPW) // gs)[:, None], offs_n[None, :], mask, zero_offset,
-                              sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
+    offs_r, mask_r, mask, words, zf, s = _plane_tile(qw_ptr, qz_ptr, s_ptr, offs_n, mask_n, k0, K, gs, zero_offset,
+                                                     sq_r, sq_n, sz_g, sz_c, ss_g, ss_n, BITS, BLOCK_K, GROUP_MODE)  # fmt: skip
     part = tl.zeros(acc.shape, tl.float32)
     for j in tl.static_range(VPW):
         kj = offs_r * VPW + j
@@ -245,9 +252,9 @@ def _gptq_gemm_tile(
                 g = tl.load(g_ptr + kj * sg_k, mask=mask_r, other=0)
             else:
                 g = kj // gs
-            zf, s = _plane_params(qz_ptr, s_ptr, g[:, None], offs_n[None, :], mask, zero_offset,
-                                  sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
-            b = (qf - zf) * s
+            zg, sg = _plane_params(qz_ptr, s_ptr, g[:, None], offs_n[None, :], mask, zero_offset,
+                                   sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
+            b = (qf - zg) * sg
         elif GROUP_MODE == 3:
             b = (qf - zf) * s
         else:
