@@ -198,6 +198,19 @@ def _plane_tile(
 
 
 @triton.jit
+def _plane_gathered(
+    qz_ptr, s_ptr, g_ptr, kj, mask_r, offs_n, mask, gs, zero_offset, sz_g, sz_c, ss_g, ss_n, sg_k,
+    BITS: tl.constexpr, HAS_G_IDX: tl.constexpr,
+):  # fmt: skip
+    """Zeros/scales of input rows ``kj`` (one plane) when groups are gathered per value (act-order)."""
+    if HAS_G_IDX:
+        g = tl.load(g_ptr + kj * sg_k, mask=mask_r, other=0)
+    else:
+        g = kj // gs
+    return _plane_params(qz_ptr, s_ptr, g[:, None], offs_n[None, :], mask, zero_offset, sz_g, sz_c, ss_g, ss_n, BITS)
+
+
+@triton.jit
 def _gptq_gemv_tile(
     acc, x_rows, mask_m, k0, K, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, gs, zero_offset,
     sq_r, sq_n, sz_g, sz_c, ss_g, ss_n, sg_k,
@@ -215,12 +228,8 @@ def _gptq_gemv_tile(
         xj = tl.load(x_rows + kj[None, :], mask=mask_m & mask_r[None, :], other=0.0).to(tl.float32)[:, :, None]
         qf = _plane(words, j, BITS)
         if GROUP_MODE == 0:
-            if HAS_G_IDX:
-                g = tl.load(g_ptr + kj * sg_k, mask=mask_r, other=0)
-            else:
-                g = kj // gs
-            zg, sg = _plane_params(qz_ptr, s_ptr, g[:, None], offs_n[None, :], mask, zero_offset,
-                                   sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
+            zg, sg = _plane_gathered(qz_ptr, s_ptr, g_ptr, kj, mask_r, offs_n, mask, gs, zero_offset,
+                                     sz_g, sz_c, ss_g, ss_n, sg_k, BITS, HAS_G_IDX)  # fmt: skip
             part += ((qf - zg) * sg)[None, :, :] * xj
         else:
             part += (qf - zf)[None, :, :] * xj
@@ -248,12 +257,8 @@ def _gptq_gemm_tile(
         a = tl.load(a_rows + kj[None, :], mask=mask_m & mask_r[None, :], other=0.0)
         qf = _plane(words, j, BITS)
         if GROUP_MODE == 0:
-            if HAS_G_IDX:
-                g = tl.load(g_ptr + kj * sg_k, mask=mask_r, other=0)
-            else:
-                g = kj // gs
-            zg, sg = _plane_params(qz_ptr, s_ptr, g[:, None], offs_n[None, :], mask, zero_offset,
-                                   sz_g, sz_c, ss_g, ss_n, BITS)  # fmt: skip
+            zg, sg = _plane_gathered(qz_ptr, s_ptr, g_ptr, kj, mask_r, offs_n, mask, gs, zero_offset,
+                                     sz_g, sz_c, ss_g, ss_n, sg_k, BITS, HAS_G_IDX)  # fmt: skip
             b = (qf - zg) * sg
         elif GROUP_MODE == 3:
             b = (qf - zf) * s
