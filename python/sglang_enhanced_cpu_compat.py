@@ -13,7 +13,10 @@ stand-ins from ``sglang.srt.enhanced.cpu_mode.shims`` — but only when
 Under the same conditions, once SGLang's fused-MoE layer module is imported, its
 unquantized MoE is routed to SGLang's torch-native path
 (``sglang.srt.enhanced.cpu_mode.moe``), so a stock ``sglang.launch_server --device
-cpu`` serves MoE models too.
+cpu`` serves MoE models too; and once its parallel-state module is imported, the
+tensor-parallel all-reduce / all-gather of CPU tensors go through ``torch.distributed``
+with gloo where ``intel_extension_for_pytorch`` is not installed
+(``sglang.srt.enhanced.cpu_mode.collectives``), so ``--tp-size N`` runs on the CPU.
 
 It is installed at interpreter start by ``sglang_enhanced_cpu_compat.pth`` and
 uses only the standard library until one of those imports actually happens.
@@ -75,42 +78,51 @@ class CpuCompatFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
-_MOE_LAYER = "sglang.srt.layers.moe.fused_moe_triton.layer"
+# SGLang module -> (CPU-mode module, function) run right after the SGLang module is executed.
+_AFTER_IMPORT = {
+    "sglang.srt.layers.moe.fused_moe_triton.layer": (
+        "sglang.srt.enhanced.cpu_mode.moe", "route_moe_to_native"),
+    "sglang.srt.distributed.parallel_state": (
+        "sglang.srt.enhanced.cpu_mode.collectives", "route_collectives_to_gloo"),
+}
 
 
 class _AfterExecLoader(importlib.abc.Loader):
-    """Runs the real loader, then the CPU-mode MoE routing."""
+    """Runs the real loader, then the CPU-mode hook of the module."""
 
-    def __init__(self, real: importlib.abc.Loader) -> None:
+    def __init__(self, real: importlib.abc.Loader, hook: tuple[str, str]) -> None:
         self.real = real
+        self.hook = hook
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self.real.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self.real.exec_module(module)
-        importlib.import_module("sglang.srt.enhanced.cpu_mode.moe").route_moe_to_native()
+        hook_module, function = self.hook
+        getattr(importlib.import_module(hook_module), function)()
 
 
-class MoeRoutingFinder(importlib.abc.MetaPathFinder):
-    """Wraps the import of SGLang's fused-MoE layer module in CPU mode."""
+class AfterImportFinder(importlib.abc.MetaPathFinder):
+    """Wraps the import of the SGLang modules CPU mode adjusts (fused MoE, parallel state)."""
 
     def find_spec(self, fullname: str, path=None, target=None):  # noqa: ANN001
-        if fullname != _MOE_LAYER or not _enabled():
+        hook = _AFTER_IMPORT.get(fullname)
+        if hook is None or not _enabled():
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _AfterExecLoader(spec.loader)
+                spec.loader = _AfterExecLoader(spec.loader, hook)
                 return spec
         return None
 
 
 def install() -> None:
-    """Add the finders to ``sys.meta_path`` once: stand-ins last, the MoE wrapper first."""
+    """Add the finders to ``sys.meta_path`` once: stand-ins last, the after-import wrapper first."""
     if not any(isinstance(f, CpuCompatFinder) for f in sys.meta_path):
         sys.meta_path.append(CpuCompatFinder())
-    if not any(isinstance(f, MoeRoutingFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, MoeRoutingFinder())
+    if not any(isinstance(f, AfterImportFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, AfterImportFinder())
