@@ -71,3 +71,14 @@ def test_cpu_mode_defaults_yield_to_the_command_line(tmp_path, argv, expected_ba
     assert args.disable_cuda_graph is True
     assert args.mem_fraction_static == expected_fraction
     assert args.max_total_tokens == 65536
+
+
+def test_cpu_mode_with_tensor_parallelism(tmp_path, monkeypatch):
+    monkeypatch.delenv("SGL_DISABLE_TP_MEMORY_INBALANCE_CHECK", raising=False)
+    args, explicit = parse(["--model", str(tmp_path), "--device", "cpu", "--tp-size", "2"])
+    assert resolve_device(args, explicit) == "cpu"
+    assert args.disable_custom_all_reduce is True  # a CUDA kernel
+    # Both ranks read one host's RAM: SGLang's balance check of free memory only warns.
+    import os
+
+    assert os.environ["SGL_DISABLE_TP_MEMORY_INBALANCE_CHECK"] == "true"

@@ -15,12 +15,17 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sglang.srt.enhanced.config import EnhancedConfig
+from sglang.srt.enhanced.config import EnhancedConfig, Precision
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.settings import LaunchSettings
+
+if TYPE_CHECKING:
+    from sglang.srt.enhanced.mixed_precision.plan import LoadPlan
+    from sglang.srt.enhanced.mixed_precision.sources import CheckpointSource
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +43,14 @@ SERVER_TO_SERVER_ARGS = {"host": "host", "port": "port"}
 CPU_DEFAULTS = {
     "attention_backend": "torch_native",
     "disable_cuda_graph": True,
+    "disable_custom_all_reduce": True,
     "enable_p2p_check": True,
     "mem_fraction_static": 0.5,
     "max_total_tokens": 65536,
 }
+# On the CPU every tensor-parallel rank reads the same host RAM, so SGLang's check that the
+# ranks' free memory is balanced compares one number taken at two moments: a warning only.
+CPU_TP_ENV = {"SGL_DISABLE_TP_MEMORY_INBALANCE_CHECK": "true"}
 
 
 def rewrite_model_alias(argv: Sequence[str]) -> list[str]:
@@ -117,6 +126,9 @@ def resolve_device(args: argparse.Namespace, explicit: set[str]) -> str:
         for dest, value in CPU_DEFAULTS.items():
             if dest not in explicit:
                 setattr(args, dest, value)
+        if args.tensor_parallel_size > 1:
+            for name, value in CPU_TP_ENV.items():
+                os.environ.setdefault(name, value)
     return device
 
 
@@ -155,10 +167,15 @@ def _launch(args: argparse.Namespace, explicit: set[str]) -> int:
     if args.config is not None:
         apply_config_sections(args, config, explicit)
     plan, sources = prepare_plan(config, _serving_dtype(args, config))
-    for source in {id(s): s for s in sources.values()}.values():
-        source.close()
+    try:
+        check_tp_size(args.tensor_parallel_size, Path(args.model_path), config, plan, sources)
+    finally:
+        for source in {id(s): s for s in sources.values()}.values():
+            source.close()
     if args.plan:
         print(format_plan(plan))
+        if args.tensor_parallel_size > 1:
+            print(f"--tp-size {args.tensor_parallel_size}: every sharded dimension divides")
         return 0
     _check_model_folder(Path(args.model_path))
     device = resolve_device(args, explicit)
@@ -192,13 +209,48 @@ def _launch(args: argparse.Namespace, explicit: set[str]) -> int:
     return 0
 
 
-def _check_model_folder(model_path: Path) -> None:
+def check_tp_size(tp_size: int, model_path: Path, config: EnhancedConfig, plan: LoadPlan,
+                  sources: Mapping[Precision, CheckpointSource]) -> None:
+    """Refuse a ``--tp-size`` that does not divide the model (heads, intermediate sizes, packed GPTQ groups).
+
+    Shapes come from the ``--model`` checkpoint's header; nothing is read or loaded.
+    """
+    from sglang.srt.enhanced.mixed_precision.sources import CheckpointSource
+    from sglang.srt.enhanced.tensor_parallel import check_tensor_parallel
+
+    if tp_size == 1:
+        return
+    hf_config = _model_config_json(model_path)
+    model = CheckpointSource(model_path)
+    try:
+        shapes = {name: model.shape(name) for name in model.stored_names}
+    finally:
+        model.close()
+    check_tensor_parallel(tp_size, hf_config, shapes, packed_gptq_groups(config, plan, sources))
+
+
+def packed_gptq_groups(config: EnhancedConfig, plan: LoadPlan,
+                       sources: Mapping[Precision, CheckpointSource]) -> dict[str, int]:
+    """Group size of each GPTQ weight the server keeps packed (none while weights are served decoded)."""
+    if getattr(config.mixed_precision, "serve", "decoded") != "packed" or Precision.INT4 not in sources:
+        return {}
+    settings = getattr(sources[Precision.INT4].decoder, "settings", None)
+    group_size = getattr(settings, "group_size", -1)
+    return {entry.name: group_size for entry in plan if entry.precision is Precision.INT4}
+
+
+def _model_config_json(model_path: Path) -> dict:
+    import json
+
     config_json = model_path / "config.json"
     if not config_json.is_file():
         raise EnhancedError("the model folder has no config.json", culprit=str(model_path))
-    import json
+    return json.loads(config_json.read_text())
 
-    quant = json.loads(config_json.read_text()).get("quantization_config")
+
+def _check_model_folder(model_path: Path) -> None:
+    config_json = model_path / "config.json"
+    quant = _model_config_json(model_path).get("quantization_config")
     if quant:
         raise EnhancedError(
             "--model must be the unquantized release (its config.json declares quantization "
