@@ -1,0 +1,219 @@
+"""``--tp-size 2`` on the CPU (gloo) serves what ``--tp-size 1`` serves, with both features on.
+
+Four servers of the demo model start at once through the launcher, a TP=1 and a TP=2
+server per configuration:
+
+- *all-bf16*: every weight from the bf16 release, served in float32 with expert tracking
+  (float32 so that near-ties of the routers cannot flip between the two reduction orders);
+- *mixed*: the shipped ``mixed_precision_config.yaml`` (attention bf16, shared experts FP8,
+  routed experts GPTQ int4, decoded to bf16 while loading), served in bf16.
+
+What differs between TP=1 and TP=2 is only the order of float additions: each row-parallel
+projection (``o_proj``, the experts' and shared expert's ``down_proj``) sums half of its
+input on each rank, rounds that partial sum to the serving dtype, and the all-reduce adds
+the two halves and rounds again; the all-gathered logits and the vocab-parallel embedding
+(one rank holds each row, the others add zeros) are exact. Bounds on the prompt logprobs:
+
+- float32 (``u = 2**-24``): a reordered sum of ``n <= 128`` products moves by at most
+  ``n * u * sum|x_i w_i|``, below ``1e-5`` relative; through two layers whose RMS norms
+  rescale activations to order 1, and log-softmax moving a logprob by at most twice the
+  largest logit change, ``FLOAT32_ATOL = 1e-4`` keeps an order of magnitude over that
+  (measured: 5e-7);
+- bfloat16 (``u = 2**-8``): the extra roundings of a partial sum and of the all-reduce add
+  up to ``2u`` relative to the output of each of the ``R = 4`` row-parallel reductions a
+  token passes (2 layers x attention and MoE); propagated to first order like a weight
+  error this moves the logits by at most ``2u * R`` of their scale and a logprob by at most
+  twice that, so ``bound = 4u * R * spread`` with the spread of the TP=1 prompt logprobs
+  standing in for the logit scale (~0.9 nats here, so a bound of ~0.06; measured: 0.002).
+
+Greedy completions (the official ``openai`` client) are compared token for token, and
+the tracker's per (layer, expert) counts must be exactly those of TP=1, with each layer's
+tokens equal to the prompt and decode tokens forwarded times top-k: a token counted once.
+First, with no server up, TP sizes that do not divide the model are refused (exit 2)
+before SGLang starts, with and without ``--plan``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import openai
+import pytest
+import requests
+import yaml
+
+from .server import REPO, ServerProcess, prompt_logprobs, start_enhanced
+
+pytestmark = pytest.mark.e2e
+
+SHIPPED_CONFIG = REPO / "mixed_precision_config.yaml"
+FLOAT32_ATOL = 1e-4
+BF16_U = 2.0**-8
+ROW_PARALLEL_REDUCTIONS = 4
+COMPLETION_PROMPTS = ["The quick brown fox jumps over", "Mixture of experts models route each token",
+                      "Attention layers mix information"]  # fmt: skip
+COMPLETION_TOKENS = 12
+TRACKED_TOKENS = 6
+TRACKING_ARGS = ("--enable-expert-tracking", "--disable-radix-cache", "--disable-overlap-schedule")
+
+
+@dataclass
+class Pair:
+    tp1: ServerProcess
+    tp2: ServerProcess
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    text = tokenizer("Mixture of experts models route each token to a few experts. Hello world!").input_ids
+    spread = [(37 * i + 11) % 500 + 3 for i in range(40)]
+    return [text, spread]
+
+
+# -- refused before SGLang starts (run first: no server is up meanwhile) ----------------------------
+
+
+@pytest.mark.parametrize("tp_size, plan", [("3", False), ("8", True)])
+def test_tp_size_that_does_not_divide_the_heads_is_refused_before_loading(demo_checkpoints, tp_size, plan) -> None:
+    argv = [sys.executable, str(REPO / "launch_enhanced_server.py"), "--config", str(SHIPPED_CONFIG),
+            "--model", str(demo_checkpoints["bf16"]), "--tp-size", tp_size, *(["--plan"] if plan else [])]
+    out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-4000:]
+    last = out.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("error: ") and "model.layers.0.self_attn" in last
+    assert f"num_attention_heads 4 is not a multiple of {tp_size}" in last
+    assert "Load weight begin" not in out.stdout + out.stderr
+
+
+def test_intermediate_size_that_does_not_divide_is_refused(tmp_path) -> None:
+    from sglang.srt.enhanced.tools.tiny_models import build_tiny_model
+
+    model = build_tiny_model("qwen2_moe", tmp_path / "model", moe_intermediate_size=18)
+    argv = [sys.executable, str(REPO / "launch_enhanced_server.py"), "--model", str(model), "--tp-size", "4"]
+    out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-4000:]
+    last = out.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("error: ") and "model.layers.0.mlp.experts.0." in last
+    assert "intermediate size" in last and "18" in last and "not a multiple of 4" in last
+    assert "Load weight begin" not in out.stdout + out.stderr
+
+
+def test_plan_confirms_a_tp_size_that_divides(demo_checkpoints) -> None:
+    argv = [sys.executable, str(REPO / "launch_enhanced_server.py"), "--config", str(SHIPPED_CONFIG),
+            "--model", str(demo_checkpoints["bf16"]), "--tp-size", "2", "--plan"]
+    out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "--tp-size 2: every sharded dimension divides" in out.stdout
+
+
+# -- TP=2 against TP=1 -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_checkpoints):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(demo_checkpoints["bf16"]))
+
+
+@pytest.fixture(scope="module")
+def servers(demo_checkpoints, tmp_path_factory) -> dict[str, Pair]:
+    work = tmp_path_factory.mktemp("tensor-parallel")
+    bf16 = demo_checkpoints["bf16"]
+    all_bf16 = work / "all_bf16.yaml"
+    all_bf16.write_text(yaml.safe_dump({"mixed_precision": {"bf16_path": str(bf16), "weight_mapping": {"*": "bf16"}}}))
+    started = {
+        ("all_bf16", tp): start_enhanced(bf16, work, "--tp-size", str(tp), "--dtype", "float32", *TRACKING_ARGS,
+                                         config=all_bf16, name=f"all-bf16-tp{tp}")
+        for tp in (1, 2)
+    }
+    started |= {
+        ("mixed", tp): start_enhanced(bf16, work, "--tp-size", str(tp), config=SHIPPED_CONFIG, name=f"mixed-tp{tp}")
+        for tp in (1, 2)
+    }
+    try:
+        with ThreadPoolExecutor(len(started)) as pool:
+            list(pool.map(lambda s: s.wait_ready(timeout=420), started.values()))
+        yield {name: Pair(started[(name, 1)], started[(name, 2)]) for name in ("all_bf16", "mixed")}
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+def _logprobs(server: ServerProcess, prompts: list[list[int]]) -> list[float]:
+    return [lp for ids in prompts for lp in prompt_logprobs(server.base_url, ids)]
+
+
+def _max_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) and a
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def test_tp2_runs_two_ranks_through_gloo(servers) -> None:
+    for pair in servers.values():
+        log = pair.tp2.log()
+        assert "TP1]" in log and "Load weight end" in log
+        assert "intel_extension_for_pytorch" not in log
+
+
+def test_all_bf16_prompt_logprobs_within_float32_rounding(servers, tokenizer) -> None:
+    pair = servers["all_bf16"]
+    prompts = _prompts(tokenizer)
+    tp1, tp2 = _logprobs(pair.tp1, prompts), _logprobs(pair.tp2, prompts)
+    assert _max_diff(tp1, tp2) <= FLOAT32_ATOL
+
+
+def test_mixed_prompt_logprobs_within_bf16_rounding(servers, tokenizer) -> None:
+    pair = servers["mixed"]
+    prompts = _prompts(tokenizer)
+    tp1, tp2 = _logprobs(pair.tp1, prompts), _logprobs(pair.tp2, prompts)
+    spread = max(tp1) - min(tp1)
+    bound = 4 * BF16_U * ROW_PARALLEL_REDUCTIONS * spread
+    assert _max_diff(tp1, tp2) <= bound, (bound, spread)
+
+
+@pytest.mark.parametrize("name", ["all_bf16", "mixed"])
+def test_greedy_completions_identical(servers, name: str) -> None:
+    def complete(server: ServerProcess) -> list[str]:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        replies = [client.completions.create(model="default", prompt=p, max_tokens=COMPLETION_TOKENS,
+                                             temperature=0, extra_body={"ignore_eos": True})
+                   for p in COMPLETION_PROMPTS]  # fmt: skip
+        assert all(r.usage.completion_tokens == COMPLETION_TOKENS for r in replies)
+        return [r.choices[0].text for r in replies]
+
+    pair = servers[name]
+    assert complete(pair.tp2) == complete(pair.tp1)
+
+
+def _tracked_counts(server: ServerProcess, prompts: list[list[int]]) -> dict:
+    assert requests.post(server.base_url + "/expert_stats/reset", timeout=60).status_code == 200
+    for ids in prompts:
+        r = requests.post(server.base_url + "/generate", json={
+            "input_ids": ids,
+            "sampling_params": {"max_new_tokens": TRACKED_TOKENS, "temperature": 0, "ignore_eos": True},
+        }, timeout=300)  # fmt: skip
+        assert r.status_code == 200, r.text
+    return requests.get(server.base_url + "/expert_stats", timeout=60).json()
+
+
+def test_tracker_counts_equal_tp1_and_count_each_token_once(servers, tokenizer) -> None:
+    pair = servers["all_bf16"]
+    prompts = _prompts(tokenizer)
+    tp1, tp2 = _tracked_counts(pair.tp1, prompts), _tracked_counts(pair.tp2, prompts)
+    fields = ("activation_count", "total_tokens_processed", "prefill_tokens", "decode_tokens",
+              "prefill_activations", "decode_activations")  # fmt: skip
+    for stats in (tp1, tp2):
+        top_k = stats["summary"]["top_k"]
+        for layer in stats["layer_stats"].values():
+            experts = layer["experts"].values()
+            # Every prompt token is prefilled; each request then decodes TRACKED_TOKENS - 1 tokens.
+            assert sum(e["prefill_tokens"] for e in experts) == top_k * sum(len(p) for p in prompts)
+            assert sum(e["decode_tokens"] for e in experts) == top_k * len(prompts) * (TRACKED_TOKENS - 1)
+    counts = {
+        stats_name: {key: tuple(entry[f] for f in fields) for key, entry in stats["expert_stats"].items()}
+        for stats_name, stats in (("tp1", tp1), ("tp2", tp2))
+    }
+    assert counts["tp1"] and counts["tp2"] == counts["tp1"]
