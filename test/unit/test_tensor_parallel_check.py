@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.tensor_parallel import (
+    PackedUnits,
     check_tensor_parallel,
-    row_parallel_input,
+    rank_piece,
     sharded_intermediate,
 )
 
@@ -82,27 +86,69 @@ def test_which_weights_are_sharded_along_the_intermediate_size() -> None:
     for replicated in ("model.layers.0.mlp.gate.weight", "model.layers.0.mlp.shared_expert_gate.weight",
                        "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"):  # fmt: skip
         assert sharded_intermediate(replicated, (4, 64)) is None
-    assert row_parallel_input("model.layers.0.self_attn.o_proj.weight", (64, 96)) == 96
-    assert row_parallel_input("model.layers.0.mlp.experts.0.up_proj.weight", (32, 64)) is None
 
 
-def test_packed_gptq_groups_must_not_straddle_ranks(tiny_model_factory, tmp_path) -> None:
-    """Demo-like GPTQ groups of 32: the experts' down_proj input (32) splits into 16 rows per rank at TP=2."""
-    from sglang.srt.enhanced.tools.quantize import quantize_checkpoint
+@pytest.fixture(scope="module")
+def demo_packed(demo_checkpoints):
+    """Units of the shipped config's weights if served packed: GPTQ 4-bit groups of 32, FP8 blocks of 32 x 32."""
+    from sglang.srt.enhanced.config import EnhancedConfig
+    from sglang.srt.enhanced.launch import packed_units
+    from sglang.srt.enhanced.mixed_precision.sglang_loader import prepare_plan
 
-    config, shapes = model_of(tiny_model_factory, "qwen2_moe")
-    bf16 = tiny_model_factory("qwen2_moe")
-    int4 = quantize_checkpoint(bf16, tmp_path / "int4", "gptq", bits=4, group_size=32, sym=True, desc_act=False)
-    group_size = json.loads((int4 / "quantize_config.json").read_text())["group_size"]
-    experts = {n: group_size for n in shapes if ".mlp.experts." in n}
-    check_tensor_parallel(2, config, shapes)  # decoded: nothing packed, no group rule
+    shipped = Path(__file__).resolve().parents[2] / "mixed_precision_config.yaml"
+    config = EnhancedConfig.from_yaml(shipped, model_path=demo_checkpoints["bf16"])
+    plan, sources = prepare_plan(config, torch.bfloat16)
+    try:
+        packed = packed_units(SimpleNamespace(mixed_precision=SimpleNamespace(serve="packed")), plan, sources)
+        decoded = packed_units(config, plan, sources)
+    finally:
+        for source in {id(s): s for s in sources.values()}.values():
+            source.close()
+    with safe_open(str(demo_checkpoints["bf16"] / "model.safetensors"), "pt") as f:
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    hf_config = json.loads((demo_checkpoints["bf16"] / "config.json").read_text())
+    return hf_config, shapes, packed, decoded
+
+
+def test_packed_units_come_from_the_checkpoints(demo_packed) -> None:
+    _, _, packed, decoded = demo_packed
+    assert decoded == {}  # weights decoded while loading are cut as floats
+    expert = packed["model.layers.0.mlp.experts.0.down_proj.weight"]
+    assert (expert.output, expert.input) == (8, 32)  # 8 4-bit values per word; groups of 32
+    shared = packed["model.layers.0.mlp.shared_expert.down_proj.weight"]
+    assert (shared.output, shared.input) == (32, 32)
+    assert not any(".self_attn." in name for name in packed)  # bf16: nothing packed
+
+
+def test_packed_gptq_groups_must_not_straddle_ranks(demo_packed) -> None:
+    """The experts' down_proj input (32) gives 16 rows per rank at TP=2: half a group."""
+    config, shapes, packed, _ = demo_packed
+    check_tensor_parallel(2, config, shapes)  # decoded: no packed rule
     with pytest.raises(EnhancedError) as err:
-        check_tensor_parallel(2, config, shapes, packed_groups=experts)
+        check_tensor_parallel(2, config, shapes, packed=packed)
     assert err.value.culprit == "model.layers.0.mlp.experts.0.down_proj"
-    assert "gives each rank 16 rows, not a multiple of group_size 32" in str(err.value)
-    # 16-row groups fit; column-parallel gate/up never split an input; group -1 has no rule.
-    check_tensor_parallel(2, config, shapes, packed_groups={n: 16 for n in experts})
-    check_tensor_parallel(2, config, shapes, packed_groups={n: -1 for n in experts})
+    assert "16 input features per rank, not a multiple of a quantization group of 32 (32)" in str(err.value)
+    # Groups of 16 (or act-order: words only) fit; gate/up cut outputs, in whole 8-value words.
+    fitting = {n: PackedUnits(8, 16) if n.endswith("down_proj.weight") else u for n, u in packed.items()
+               if ".experts." in n}  # fmt: skip
+    check_tensor_parallel(2, config, shapes, packed=fitting)
+
+
+def test_packed_fp8_blocks_must_not_straddle_ranks(demo_packed) -> None:
+    config, shapes, packed, _ = demo_packed
+    fp8 = {n: u for n, u in packed.items() if ".shared_expert." in n}
+    check_tensor_parallel(2, config, shapes, packed=fp8)  # 64 / 2 = 32: one block per rank
+    with pytest.raises(EnhancedError) as err:
+        check_tensor_parallel(4, config, shapes, packed=fp8)
+    assert err.value.culprit.startswith("model.layers.0.mlp.shared_expert.")
+    assert "16" in str(err.value) and "an FP8 scale block (32)" in str(err.value)
+
+
+def test_kv_pieces_of_replicated_heads() -> None:
+    # 2 KV heads of 16 at TP=4: each rank holds one whole head (16 features), not 32 / 4.
+    assert rank_piece("model.layers.0.self_attn.k_proj.weight", (32, 64), 4, 2) == ("output", 16)
+    assert rank_piece("model.layers.0.self_attn.o_proj.weight", (64, 64), 4, 2) == ("input", 16)
+    assert rank_piece("model.layers.0.mlp.gate.weight", (4, 64), 4, 2) is None
 
 
 def test_tp_size_below_one_is_refused(tiny_model_factory) -> None:

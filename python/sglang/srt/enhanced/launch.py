@@ -26,6 +26,7 @@ from sglang.srt.enhanced.settings import LaunchSettings
 if TYPE_CHECKING:
     from sglang.srt.enhanced.mixed_precision.plan import LoadPlan
     from sglang.srt.enhanced.mixed_precision.sources import CheckpointSource
+    from sglang.srt.enhanced.tensor_parallel import PackedUnits
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def _launch(args: argparse.Namespace, explicit: set[str]) -> int:
 
 def check_tp_size(tp_size: int, model_path: Path, config: EnhancedConfig, plan: LoadPlan,
                   sources: Mapping[Precision, CheckpointSource]) -> None:
-    """Refuse a ``--tp-size`` that does not divide the model (heads, intermediate sizes, packed GPTQ groups).
+    """Refuse a ``--tp-size`` that does not divide the model (heads, intermediate sizes, packed units).
 
     Shapes come from the ``--model`` checkpoint's header; nothing is read or loaded.
     """
@@ -226,17 +227,33 @@ def check_tp_size(tp_size: int, model_path: Path, config: EnhancedConfig, plan: 
         shapes = {name: model.shape(name) for name in model.stored_names}
     finally:
         model.close()
-    check_tensor_parallel(tp_size, hf_config, shapes, packed_gptq_groups(config, plan, sources))
+    check_tensor_parallel(tp_size, hf_config, shapes, packed_units(config, plan, sources))
 
 
-def packed_gptq_groups(config: EnhancedConfig, plan: LoadPlan,
-                       sources: Mapping[Precision, CheckpointSource]) -> dict[str, int]:
-    """Group size of each GPTQ weight the server keeps packed (none while weights are served decoded)."""
-    if getattr(config.mixed_precision, "serve", "decoded") != "packed" or Precision.INT4 not in sources:
+def packed_units(config: EnhancedConfig, plan: LoadPlan,
+                 sources: Mapping[Precision, CheckpointSource]) -> dict[str, PackedUnits]:
+    """The units each weight served packed is cut in (none while weights are decoded while loading)."""
+    import math
+
+    from sglang.srt.enhanced.mixed_precision.packing import block_shape
+    from sglang.srt.enhanced.tensor_parallel import PackedUnits
+
+    if getattr(config.mixed_precision, "serve", "decoded") != "packed":
         return {}
-    settings = getattr(sources[Precision.INT4].decoder, "settings", None)
-    group_size = getattr(settings, "group_size", -1)
-    return {entry.name: group_size for entry in plan if entry.precision is Precision.INT4}
+    units: dict[Precision, PackedUnits] = {}
+    gptq = getattr(sources.get(Precision.INT4), "decoder", None)
+    if gptq is not None and hasattr(gptq, "settings"):
+        s = gptq.settings
+        word, _ = block_shape(s.bits)
+        grouped = s.group_size > 0 and not s.desc_act
+        group = math.lcm(word, s.group_size) if grouped else word
+        units[Precision.INT4] = PackedUnits(
+            word, group, f"a {s.bits}-bit packed word block",
+            f"a quantization group of {s.group_size}" if grouped else f"a {s.bits}-bit packed word block")
+    block = getattr(getattr(sources.get(Precision.FP8), "decoder", None), "weight_block_size", None)
+    if block is not None:
+        units[Precision.FP8] = PackedUnits(block[0], block[1], "an FP8 scale block", "an FP8 scale block")
+    return {entry.name: units[entry.precision] for entry in plan if entry.precision in units}
 
 
 def _model_config_json(model_path: Path) -> dict:

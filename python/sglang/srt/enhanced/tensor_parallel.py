@@ -9,8 +9,10 @@ SGLang 0.4.7 splits, per tensor-parallel rank:
 - MLP and expert projections: the intermediate size, which is the output dimension of
   the column-parallel ``gate``/``up`` (``w1``/``w3``) projections and the input dimension
   of the row-parallel ``down`` (``w2``) projection;
-- GPTQ weights kept packed: each rank's share of a row-parallel input must hold whole
-  quantization groups (a group never straddles two ranks).
+- weights kept packed (GPTQ, block FP8): each rank's piece must hold whole packed units,
+  as the packed tensors are cut with the float weight: whole ``32/bits``-value words on
+  both dims, whole quantization groups along a row-parallel input (not with act-order,
+  where every rank keeps every group), whole scale blocks for block FP8.
 
 The embeddings and ``lm_head`` are padded by SGLang and need no check. A size that does
 not fit is refused with an ``EnhancedError`` naming the module and the sizes.
@@ -20,16 +22,29 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sglang.srt.enhanced.errors import EnhancedError
 
-__all__ = ["check_tensor_parallel", "row_parallel_input", "sharded_intermediate"]
+__all__ = ["PackedUnits", "check_tensor_parallel", "rank_piece", "sharded_intermediate"]
 
 # Projection names SGLang shards along the intermediate size (column: output dim 0, row: input dim 1).
 _COLUMN = re.compile(r"(^|\.)(gate_proj|up_proj|gate_up_proj|w1|w3)\.weight$")
 _ROW = re.compile(r"(^|\.)(down_proj|w2)\.weight$")
 _ATTENTION_OUT = re.compile(r"(^|\.)o_proj\.weight$")
+_QUERY = re.compile(r"(^|\.)(q_proj|q_b_proj|kv_b_proj)\.weight$")
+_KEY_VALUE = re.compile(r"(^|\.)(k_proj|v_proj)\.weight$")
+
+
+@dataclass(frozen=True)
+class PackedUnits:
+    """The smallest pieces a packed weight can be cut into, per dim, and what each unit is."""
+
+    output: int = 1
+    input: int = 1
+    output_unit: str = ""
+    input_unit: str = ""
 
 
 def sharded_intermediate(name: str, shape: tuple[int, ...]) -> int | None:
@@ -43,10 +58,20 @@ def sharded_intermediate(name: str, shape: tuple[int, ...]) -> int | None:
     return None
 
 
-def row_parallel_input(name: str, shape: tuple[int, ...]) -> int | None:
-    """The input size a row-parallel projection (``o_proj``, ``down_proj``, ``w2``) splits over the ranks."""
-    if len(shape) == 2 and (_ROW.search(name) or _ATTENTION_OUT.search(name)):
-        return shape[1]
+def rank_piece(name: str, shape: tuple[int, ...], tp_size: int, kv_heads: int | None) -> tuple[str, int] | None:
+    """``("output"|"input", size)``: the dim SGLang cuts this weight along and each rank's piece.
+
+    None for weights every rank holds whole (router gates, norms, MLA's compressed projections).
+    """
+    if len(shape) != 2:
+        return None
+    out_features, in_features = shape
+    if _ROW.search(name) or _ATTENTION_OUT.search(name):
+        return "input", in_features // tp_size
+    if _COLUMN.search(name) or _QUERY.search(name):
+        return "output", out_features // tp_size
+    if _KEY_VALUE.search(name):
+        return "output", out_features // min(tp_size, kv_heads or tp_size)
     return None
 
 
@@ -87,13 +112,13 @@ def check_tensor_parallel(
     tp_size: int,
     config: Mapping[str, Any],
     weight_shapes: Mapping[str, tuple[int, ...]],
-    packed_groups: Mapping[str, int] | None = None,
+    packed: Mapping[str, PackedUnits] | None = None,
 ) -> None:
     """Raise ``EnhancedError`` when ``tp_size`` does not divide the model.
 
     ``config`` is the model's ``config.json``; ``weight_shapes`` maps the model's weight
-    names to their (unquantized) shapes; ``packed_groups`` maps the GPTQ weights served
-    packed to their group size (``-1``: one group per column, no constraint).
+    names to their (unquantized) shapes; ``packed`` maps the weights served packed to
+    the units their packed tensors are cut in (nothing for weights decoded while loading).
     """
     if tp_size < 1:
         raise EnhancedError(f"--tp-size must be at least 1, got {tp_size}", culprit="--tp-size")
@@ -108,16 +133,18 @@ def check_tensor_parallel(
                 f"{size} (weight shape {list(shape)}) is not a multiple of {tp_size}",
                 culprit=_module(name),
             )
-    for name, group_size in (packed_groups or {}).items():
-        if group_size <= 0 or name not in weight_shapes:
+    kv_heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+    for name, units in (packed or {}).items():
+        if name not in weight_shapes:
             continue
-        size = row_parallel_input(name, tuple(weight_shapes[name]))
-        if size is None:
+        piece = rank_piece(name, tuple(weight_shapes[name]), tp_size, kv_heads)
+        if piece is None:
             continue
-        share = size // tp_size
-        if share % group_size:
+        dim, size = piece
+        unit, why = (units.output, units.output_unit) if dim == "output" else (units.input, units.input_unit)
+        if unit > 1 and size % unit:
             raise EnhancedError(
-                f"--tp-size {tp_size} splits the GPTQ groups of {_module(name)}: its input of {size} "
-                f"gives each rank {share} rows, not a multiple of group_size {group_size}",
+                f"--tp-size {tp_size} cuts the packed weight {_module(name)} into {size} {dim} features "
+                f"per rank, not a multiple of {why or 'its packed unit'} ({unit})",
                 culprit=_module(name),
             )
