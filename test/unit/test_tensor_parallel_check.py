@@ -99,8 +99,8 @@ def demo_packed(demo_checkpoints):
     config = EnhancedConfig.from_yaml(shipped, model_path=demo_checkpoints["bf16"])
     plan, sources = prepare_plan(config, torch.bfloat16)
     try:
-        packed = packed_units(SimpleNamespace(mixed_precision=SimpleNamespace(serve="packed")), plan, sources)
-        decoded = packed_units(config, plan, sources)
+        packed, decoded = (packed_units(SimpleNamespace(mixed_precision=SimpleNamespace(serve=serve)), plan, sources)
+                           for serve in ("packed", "decoded"))
     finally:
         for source in {id(s): s for s in sources.values()}.values():
             source.close()
