@@ -15,6 +15,7 @@ import requests
 
 REPO = Path(__file__).resolve().parents[2]
 READY_LINE = "The server is fired up and ready to roll"
+BIND_FAILED = "address already in use"
 CPU_ARGS = ("--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
             "--enable-p2p-check", "--mem-fraction-static", "0.5", "--max-total-tokens", "65536")
 # The GPU lane (test/gpu_lane): a CUDA machine without sgl-kernel or flashinfer, CUDA graphs on;
@@ -28,6 +29,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class PortTaken(RuntimeError):
+    """Another process took a port of the server before the server bound it (start it again)."""
 
 
 class ServerProcess:
@@ -56,8 +61,12 @@ class ServerProcess:
                 healthy = requests.get(self.base_url + "/health", timeout=5).status_code == 200
             except requests.RequestException:
                 healthy = False
-            if healthy and READY_LINE in self.log():
+            log = self.log()
+            if healthy and READY_LINE in log:
                 return self
+            if BIND_FAILED in log:
+                self.stop()
+                raise PortTaken(f"port taken before the server bound it:\n{log[-2000:]}")
             time.sleep(1.0)
         self.stop()
         raise TimeoutError(f"server not ready after {timeout:.0f}s:\n{self.log()[-4000:]}")

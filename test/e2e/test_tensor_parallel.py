@@ -45,7 +45,7 @@ import pytest
 import requests
 import yaml
 
-from .server import REPO, ServerProcess, prompt_logprobs, start_enhanced
+from .server import REPO, PortTaken, ServerProcess, prompt_logprobs, start_enhanced
 
 pytestmark = pytest.mark.e2e
 
@@ -124,21 +124,30 @@ def servers(demo_checkpoints, tmp_path_factory) -> dict[str, Pair]:
     bf16 = demo_checkpoints["bf16"]
     all_bf16 = work / "all_bf16.yaml"
     all_bf16.write_text(yaml.safe_dump({"mixed_precision": {"bf16_path": str(bf16), "weight_mapping": {"*": "bf16"}}}))
-    started = {
-        ("all_bf16", tp): start_enhanced(bf16, work, "--tp-size", str(tp), "--dtype", "float32", *TRACKING_ARGS,
-                                         config=all_bf16, name=f"all-bf16-tp{tp}")
+    launches = {
+        ("all_bf16", tp): ("--tp-size", str(tp), "--dtype", "float32", *TRACKING_ARGS, "--config", str(all_bf16))
         for tp in (1, 2)
-    }
-    started |= {
-        ("mixed", tp): start_enhanced(bf16, work, "--tp-size", str(tp), config=SHIPPED_CONFIG, name=f"mixed-tp{tp}")
-        for tp in (1, 2)
-    }
+    } | {("mixed", tp): ("--tp-size", str(tp), "--config", str(SHIPPED_CONFIG)) for tp in (1, 2)}
+    started: list[ServerProcess] = []
+
+    def ready(key: tuple[str, int]) -> ServerProcess:
+        # A TP=2 server's gloo connections take ephemeral ports; another server's chosen HTTP
+        # port may be among them by the time it binds: then it starts again on a new port.
+        for attempt in range(3):
+            server = start_enhanced(bf16, work, *launches[key], name=f"{key[0]}-tp{key[1]}-{attempt}")
+            started.append(server)
+            try:
+                return server.wait_ready(timeout=420)
+            except PortTaken:
+                continue
+        raise RuntimeError(f"{key}: no free port in three starts")
+
     try:
-        with ThreadPoolExecutor(len(started)) as pool:
-            list(pool.map(lambda s: s.wait_ready(timeout=420), started.values()))
-        yield {name: Pair(started[(name, 1)], started[(name, 2)]) for name in ("all_bf16", "mixed")}
+        with ThreadPoolExecutor(len(launches)) as pool:
+            ready_servers = dict(zip(launches, pool.map(ready, launches), strict=True))
+        yield {name: Pair(ready_servers[(name, 1)], ready_servers[(name, 2)]) for name in ("all_bf16", "mixed")}
     finally:
-        for server in started.values():
+        for server in started:
             server.stop()
 
 
