@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import enum
 import re
+import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -63,7 +64,15 @@ __all__ = [
     "Precision",
     "ServerConfig",
     "mapping_key_path",
+    "quote",
+    "resolve_path",
 ]
+
+# Limits on the configuration file: its size, and the number of values once YAML aliases
+# are expanded (a few nested anchors can otherwise stand for billions of values).
+MAX_CONFIG_BYTES = 8 << 20
+MAX_EXPANDED_VALUES = 250_000
+QUOTE_CHARS = 160
 
 
 class Precision(str, enum.Enum):
@@ -107,7 +116,29 @@ _SECTIONS = ("mixed_precision", "inference", "server")
 
 def mapping_key_path(key: str) -> str:
     """YAML key path of one ``weight_mapping`` rule, used as an error culprit."""
-    return f'mixed_precision.weight_mapping["{key}"]'
+    return f'mixed_precision.weight_mapping["{quote(key)}"]'
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """``value`` as text (a bounded ``repr`` unless a string), cut to its first ``limit`` characters."""
+    if isinstance(value, str):
+        text = value
+    else:
+        short = reprlib.Repr()
+        short.maxlevel, short.maxstring, short.maxother = 3, limit, limit
+        short.maxlist = short.maxtuple = short.maxdict = short.maxset = 8
+        text = short.repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def resolve_path(path: str | Path, culprit: str | None = None) -> Path:
+    """``path`` made absolute with symlinks resolved; a symlink loop is an ``EnhancedError`` naming it."""
+    path = Path(path).expanduser()
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:  # Python raises RuntimeError("Symlink loop ...") before 3.13
+        raise EnhancedError(f"cannot resolve {path}: symlink loop or unreadable link ({e})",
+                            culprit=culprit or str(path)) from None
 
 
 def _parse_precision(value: Any) -> Any:
@@ -160,6 +191,10 @@ class MixedPrecisionConfig(_Frozen):
         base = (info.context or {}).get("base_dir")
         if not path.is_absolute() and base is not None:
             path = Path(base) / path
+        try:
+            path.resolve()
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"cannot resolve {path}: symlink loop or unreadable link") from e
         return path
 
     @field_validator("default", mode="before")
@@ -195,7 +230,7 @@ class InferenceConfig(_KeepsUnknown):
         if isinstance(value, str):
             canonical = _DTYPE_ALIASES.get(value.strip().lower())
             if canonical is None:
-                raise ValueError(f"unknown dtype {value!r}; valid: {sorted(_DTYPE_ALIASES)}")
+                raise ValueError(f"unknown dtype {quote(value)!r}; valid: {sorted(_DTYPE_ALIASES)}")
             return canonical
         return value
 
@@ -242,20 +277,30 @@ class EnhancedConfig(_Frozen):
         """
         path = Path(path).expanduser()
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, "rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
+            if len(raw) > MAX_CONFIG_BYTES:
+                raise EnhancedError(f"config file is larger than {MAX_CONFIG_BYTES >> 20} MiB", culprit=str(path))
+            text = raw.decode("utf-8")
         except OSError as e:
             raise EnhancedError(f"cannot read config file: {e.strerror or e}", culprit=str(path)) from e
+        except UnicodeDecodeError as e:
+            raise EnhancedError(f"config file is not UTF-8 text (byte {e.start})", culprit=str(path)) from e
         try:
             data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-            raise EnhancedError(f"invalid YAML: {e.problem or e}", culprit=where) from e
+            raise EnhancedError(f"invalid YAML: {quote(e.problem or e)}", culprit=where) from e
         except yaml.YAMLError as e:
-            raise EnhancedError(f"invalid YAML: {e}", culprit=str(path)) from e
+            raise EnhancedError(f"invalid YAML: {quote(e)}", culprit=str(path)) from e
+        except RecursionError:
+            raise EnhancedError("invalid YAML: nested too deeply", culprit=str(path)) from None
         if data is None:
             raise EnhancedError("config file is empty", culprit=str(path))
-        return cls.from_mapping(data, base_dir=path.resolve().parent, model_path=model_path, config_file=path)
+        _check_expanded_size(data, str(path))
+        base_dir = resolve_path(path).parent
+        return cls.from_mapping(data, base_dir=base_dir, model_path=model_path, config_file=path)
 
     @classmethod
     def from_mapping(
@@ -273,12 +318,12 @@ class EnhancedConfig(_Frozen):
             )
         for key in data:
             if key not in _SECTIONS:
-                raise EnhancedError(f"unknown section; valid: {list(_SECTIONS)}", culprit=str(key))
+                raise EnhancedError(f"unknown section; valid: {list(_SECTIONS)}", culprit=quote(key))
         payload = {k: ({} if v is None else v) for k, v in data.items()}
         if model_path is not None:
-            payload["model_path"] = Path(model_path).expanduser().resolve()
+            payload["model_path"] = resolve_path(model_path)
         if config_file is not None:
-            payload["config_file"] = Path(config_file).expanduser().resolve()
+            payload["config_file"] = resolve_path(config_file)
         try:
             config = cls.model_validate(payload, context={"base_dir": base_dir})
         except ValidationError as e:
@@ -360,10 +405,33 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                    None, None, f"duplicate key {quote(key)!r}", key_node.start_mark
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _check_expanded_size(data: Any, source: str) -> None:
+    """Refuse data whose YAML aliases expand to more than ``MAX_EXPANDED_VALUES`` values.
+
+    PyYAML shares one object per anchor, so loading is cheap; anything that walks the data
+    (validation, error messages) pays for every expanded value. The walk stops at the limit.
+    """
+    budget = MAX_EXPANDED_VALUES
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise EnhancedError(
+                f"config expands to more than {MAX_EXPANDED_VALUES} values (YAML aliases nested too deep?)",
+                culprit=source,
+            )
+        if isinstance(value, Mapping):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
@@ -377,7 +445,7 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         elif in_dict:
-            out += f'["{part}"]'
+            out += f'["{quote(part)}"]'
             in_dict = False
             continue
         else:
@@ -389,11 +457,11 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
 def _to_enhanced_error(e: ValidationError) -> EnhancedError:
     first = e.errors()[0]
     path = _key_path(tuple(first["loc"]))
-    msg = first["msg"].removeprefix("Value error, ")
+    msg = quote(first["msg"].removeprefix("Value error, "), 4 * QUOTE_CHARS)
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     if first["type"] == "enum":
-        msg = f"unknown precision {first.get('input')!r}; valid: {[p.value for p in Precision]}"
+        msg = f"unknown precision {quote(first.get('input'))!r}; valid: {[p.value for p in Precision]}"
     more = len(e.errors()) - 1
     if more:
         msg += f" (and {more} more problem{'s' if more > 1 else ''})"

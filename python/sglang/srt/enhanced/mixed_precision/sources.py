@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import os
 import struct
 import sys
@@ -62,6 +63,7 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in _TORCH_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,44 @@ def read_header(file: Path) -> dict[str, StoredTensor]:
                 name, file, str(meta["dtype"]), tuple(int(d) for d in meta["shape"]), begin, end - begin
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise EnhancedError(f"corrupt header entry for tensor {name!r}", culprit=str(file)) from e
+            raise EnhancedError(f"corrupt header entry for tensor {name[:80]!r}", culprit=str(file)) from e
+    _check_layout(file, out, size - 8 - n)
     return out
+
+
+def _check_layout(file: Path, tensors: dict[str, StoredTensor], data_bytes: int) -> None:
+    """Each tensor's bytes match its dtype and shape; together they tile the data section exactly.
+
+    This is what safetensors itself requires when a file is opened, so a file that passes
+    here opens; a truncated file (data shorter than the header says) is refused here.
+    """
+    position = 0
+    for info in sorted(tensors.values(), key=lambda t: (t.offset, t.offset + t.nbytes)):
+        itemsize = _ITEMSIZE.get(info.dtype)
+        where = f"{file}:{info.name[:200]}"
+        if itemsize is None:
+            raise EnhancedError(f"unsupported safetensors dtype {info.dtype[:20]!r}", culprit=where)
+        if any(d < 0 for d in info.shape) or info.nbytes < 0:
+            raise EnhancedError(f"negative shape or offsets {list(info.shape)}", culprit=where)
+        expected = math.prod(info.shape) * itemsize
+        if info.nbytes != expected:
+            raise EnhancedError(
+                f"header gives {info.nbytes} bytes for {info.dtype} {list(info.shape)} ({expected} bytes)",
+                culprit=where,
+            )
+        if info.offset != position:
+            raise EnhancedError(
+                f"data offsets {info.offset}..{info.offset + info.nbytes} "
+                + ("overlap another tensor" if info.offset < position else f"leave a gap after byte {position}"),
+                culprit=where,
+            )
+        position += info.nbytes
+    if position != data_bytes:
+        raise EnhancedError(
+            f"file holds {data_bytes} data bytes, its header describes {position}"
+            + (" (truncated?)" if data_bytes < position else ""),
+            culprit=str(file),
+        )
 
 
 class CheckpointSource:
