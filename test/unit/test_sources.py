@@ -97,14 +97,15 @@ def test_single_file_metadata_and_reads(tmp_path: Path) -> None:
 def test_construction_reads_headers_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     save_file({"w": torch.ones(64, 64)}, str(tmp_path / "model.safetensors"))
     path = tmp_path / "model.safetensors"
-    path.write_bytes(path.read_bytes()[:-100])  # data section truncated; header intact
     counter = CountingSafeOpen(monkeypatch)
     src = CheckpointSource(tmp_path)
     assert src.shape("w") == (64, 64) and src.nbytes("w") == 64 * 64 * 4
     assert counter.opened == [] and src.open_files == ()
+    path.write_bytes(path.read_bytes()[:-100])  # data section truncated; header intact
     with pytest.raises(EnhancedError) as info:
-        src.read("w")
-    assert info.value.culprit == str(path)
+        CheckpointSource(tmp_path)  # found from the header and the file size alone
+    assert info.value.culprit == str(path) and "truncated" in info.value.msg
+    assert counter.opened == []
 
 
 def test_several_files_without_index(tmp_path: Path) -> None:

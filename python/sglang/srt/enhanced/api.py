@@ -19,6 +19,7 @@ import torch
 
 from sglang.srt.enhanced.config import EnhancedConfig
 from sglang.srt.enhanced.errors import EnhancedError
+from sglang.srt.enhanced.mixed_precision.checks import check_plan
 from sglang.srt.enhanced.mixed_precision.hf import load_plan_into_module
 from sglang.srt.enhanced.mixed_precision.plan import build_plan
 from sglang.srt.enhanced.mixed_precision.sources import open_sources
@@ -53,6 +54,7 @@ class EnhancedModelLoader:
         try:
             dtype = _float_dtype(model) or config.inference.torch_dtype()
             plan = build_plan(config, sources, dtype=dtype)
+            check_plan(config, plan, sources)
             stats = load_plan_into_module(model, plan, sources, dtype=dtype)
         finally:
             for source in {id(s): s for s in sources.values()}.values():

@@ -19,8 +19,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sglang.srt.enhanced.config import EnhancedConfig, Precision
+from sglang.srt.enhanced.config import EnhancedConfig, Precision, resolve_path
 from sglang.srt.enhanced.errors import EnhancedError
+from sglang.srt.enhanced.launch_checks import check_launch, check_model_folder
 from sglang.srt.enhanced.settings import LaunchSettings
 
 if TYPE_CHECKING:
@@ -158,40 +159,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _launch(args: argparse.Namespace, explicit: set[str]) -> int:
     from sglang.srt.enhanced.mixed_precision.plan import format_plan
-    from sglang.srt.enhanced.mixed_precision.sglang_loader import (
-        MixedPrecisionModelLoader,
-        load_enhanced_config,
-        prepare_plan,
-    )
+    from sglang.srt.enhanced.mixed_precision.sglang_loader import MixedPrecisionModelLoader
 
-    config = load_enhanced_config(args.config.resolve() if args.config else None, args.model_path)
-    if args.config is not None:
-        apply_config_sections(args, config, explicit)
-    plan, sources = prepare_plan(config, _serving_dtype(args, config))
-    try:
-        check_tp_size(args.tensor_parallel_size, Path(args.model_path), config, plan, sources)
-    finally:
-        for source in {id(s): s for s in sources.values()}.values():
-            source.close()
+    config_path = resolve_path(args.config) if args.config else None
+    plan = check_setup(args, explicit, config_path)
     if args.plan:
         print(format_plan(plan))
         if args.tensor_parallel_size > 1:
             print(f"--tp-size {args.tensor_parallel_size}: every sharded dimension divides")
         return 0
-    _check_model_folder(Path(args.model_path))
-    device = resolve_device(args, explicit)
 
     from sglang.srt.server_args import ServerArgs
 
     state_dir = Path(tempfile.mkdtemp(prefix="sglang-enhanced-")) if args.enable_expert_tracking else None
     LaunchSettings(
-        config_path=args.config.resolve() if args.config else None,
+        config_path=config_path,
         expert_tracking=args.enable_expert_tracking,
         state_dir=state_dir,
     ).to_env()
     server_args = ServerArgs.from_cli_args(args)
     server_args.load_format = MixedPrecisionModelLoader
-    logger.info("serving %s on %s (%d weights planned)", args.model_path, device, len(plan))
+    logger.info("serving %s on %s (%d weights planned)", args.model_path, args.device, len(plan))
 
     from sglang.srt.entrypoints import http_server
 
@@ -265,15 +253,26 @@ def _model_config_json(model_path: Path) -> dict:
     return json.loads(config_json.read_text())
 
 
-def _check_model_folder(model_path: Path) -> None:
-    config_json = model_path / "config.json"
-    quant = _model_config_json(model_path).get("quantization_config")
-    if quant:
-        raise EnhancedError(
-            "--model must be the unquantized release (its config.json declares quantization "
-            f"{quant.get('quant_method')!r}); give quantized folders in the YAML instead",
-            culprit=str(config_json),
-        )
+def check_setup(args: argparse.Namespace, explicit: set[str], config_path: Path | None) -> LoadPlan:
+    """Every check before a start, the same for ``--plan``: settings, folders, the plan and its tensors.
+
+    Fills the YAML's server settings and the device into ``args``; returns the plan.
+    """
+    from sglang.srt.enhanced.mixed_precision.sglang_loader import load_enhanced_config, prepare_plan
+
+    check_model_folder(Path(args.model_path))
+    config = load_enhanced_config(config_path, args.model_path)
+    if config_path is not None:
+        apply_config_sections(args, config, explicit)
+    device = resolve_device(args, explicit)
+    check_launch(args, config, explicit, device)
+    plan, sources = prepare_plan(config, _serving_dtype(args, config))
+    try:
+        check_tp_size(args.tensor_parallel_size, Path(args.model_path), config, plan, sources)
+    finally:
+        for source in {id(s): s for s in sources.values()}.values():
+            source.close()
+    return plan
 
 
 if __name__ == "__main__":
