@@ -19,7 +19,7 @@ import torch
 
 from sglang.srt.enhanced.config import EnhancedConfig
 from sglang.srt.enhanced.errors import EnhancedError
-from sglang.srt.enhanced.mixed_precision.checks import check_plan
+from sglang.srt.enhanced.mixed_precision.checks import check_plan, check_source_formats
 from sglang.srt.enhanced.mixed_precision.hf import load_plan_into_module
 from sglang.srt.enhanced.mixed_precision.plan import build_plan
 from sglang.srt.enhanced.mixed_precision.sources import open_sources
@@ -53,8 +53,9 @@ class EnhancedModelLoader:
         sources = open_sources(config)
         try:
             dtype = _float_dtype(model) or config.inference.torch_dtype()
+            check_source_formats(config, sources)
             plan = build_plan(config, sources, dtype=dtype)
-            check_plan(config, plan, sources)
+            check_plan(plan, sources)
             stats = load_plan_into_module(model, plan, sources, dtype=dtype)
         finally:
             for source in {id(s): s for s in sources.values()}.values():

@@ -1,7 +1,8 @@
 """Checks of a load plan against its checkpoints and the model, run before any weight is loaded.
 
-:func:`check_plan` is what the launcher (``--plan`` and a start alike) and every scheduler
-process run once the plan is built. It refuses, naming the folder, tensor or weight:
+:func:`check_source_formats` (on the opened folders) and :func:`check_plan` (once the plan
+is built) are what the launcher (``--plan`` and a start alike) and every scheduler process
+run. They refuse, naming the folder, tensor or weight:
 
 - a folder whose format is not its precision's (``int4_path`` must hold a GPTQ checkpoint,
   ``fp8_path`` an FP8 one, the unquantized paths unquantized tensors);
@@ -32,7 +33,7 @@ from sglang.srt.enhanced.mixed_precision.sources import CheckpointSource
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelTensors", "check_plan", "model_tensor_shapes"]
+__all__ = ["ModelTensors", "check_plan", "check_source_formats", "model_tensor_shapes"]
 
 # The decoder format each precision's folder must have.
 _FORMAT = {
@@ -59,13 +60,14 @@ class ModelTensors:
 
 
 def check_plan(
-    config: EnhancedConfig,
     plan: LoadPlan,
     sources: Mapping[Precision, CheckpointSource],
     model: ModelTensors | None = None,
 ) -> None:
-    """Run every check of the module docstring; ``model`` (when known) adds the model checks."""
-    check_source_formats(config, sources)
+    """Decode every planned weight on meta (finite scales); ``model`` (when known) adds the model checks.
+
+    Run :func:`check_source_formats` first, before the plan is built from the sources.
+    """
     decoded = {entry.name: decoded_meta(entry, sources[entry.precision], plan.dtype) for entry in plan}
     for source in {id(s): s for s in sources.values()}.values():
         source.release_pages()

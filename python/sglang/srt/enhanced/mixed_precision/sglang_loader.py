@@ -19,7 +19,7 @@ from sglang.srt.configs.device_config import DeviceConfig
 from sglang.srt.configs.load_config import LoadConfig
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.enhanced.config import EnhancedConfig
-from sglang.srt.enhanced.mixed_precision.checks import check_plan, model_tensor_shapes
+from sglang.srt.enhanced.mixed_precision.checks import check_plan, check_source_formats, model_tensor_shapes
 from sglang.srt.enhanced.mixed_precision.plan import LoadPlan, build_plan
 from sglang.srt.enhanced.mixed_precision.sources import CheckpointSource, open_sources
 from sglang.srt.enhanced.mixed_precision.weights import LoadStats, iter_plan_weights
@@ -43,10 +43,11 @@ def prepare_plan(
     """Open the sources and build the plan; every check happens here, before any weight is read."""
     sources: dict = open_sources(config)
     try:
+        check_source_formats(config, sources)
         plan = build_plan(config, sources, dtype=dtype)
         model = config.model_path
         has_definition = model is not None and (model / "config.json").is_file()
-        check_plan(config, plan, sources, model_tensor_shapes(model) if has_definition else None)
+        check_plan(plan, sources, model_tensor_shapes(model) if has_definition else None)
     except Exception:
         _close(sources)
         raise
