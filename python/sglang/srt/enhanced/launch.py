@@ -162,7 +162,7 @@ def _launch(args: argparse.Namespace, explicit: set[str]) -> int:
     from sglang.srt.enhanced.mixed_precision.sglang_loader import MixedPrecisionModelLoader
 
     config_path = resolve_path(args.config) if args.config else None
-    plan = check_setup(args, explicit, config_path)
+    config, plan = check_setup(args, explicit, config_path)
     if args.plan:
         print(format_plan(plan))
         if args.tensor_parallel_size > 1:
@@ -253,10 +253,12 @@ def _model_config_json(model_path: Path) -> dict:
     return json.loads(config_json.read_text())
 
 
-def check_setup(args: argparse.Namespace, explicit: set[str], config_path: Path | None) -> LoadPlan:
+def check_setup(
+    args: argparse.Namespace, explicit: set[str], config_path: Path | None
+) -> tuple[EnhancedConfig, LoadPlan]:
     """Every check before a start, the same for ``--plan``: settings, folders, the plan and its tensors.
 
-    Fills the YAML's server settings and the device into ``args``; returns the plan.
+    Fills the YAML's server settings and the device into ``args``; returns the config and the plan.
     """
     from sglang.srt.enhanced.mixed_precision.sglang_loader import load_enhanced_config, prepare_plan
 
@@ -272,7 +274,7 @@ def check_setup(args: argparse.Namespace, explicit: set[str], config_path: Path 
     finally:
         for source in {id(s): s for s in sources.values()}.values():
             source.close()
-    return plan
+    return config, plan
 
 
 if __name__ == "__main__":
