@@ -268,3 +268,21 @@ def test_model_folder_that_is_not_the_release(demo, tmp_path, capsys, model: str
     folder = demo["int4"] if model == "int4" else tmp_path / "no-such-model"
     line = refused(write_config(tmp_path, shipped_mapping(demo)), folder, capsys=capsys)
     assert str(folder) in line
+
+
+# -- valid setups of every architecture pass ----------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3"])
+def test_valid_mixed_setups_of_every_architecture_pass(arch, tiny_model_factory, tmp_path, capsys) -> None:
+    """The checks refuse nothing valid: act-order GPTQ experts, per-channel FP8 attention, bf16 rest."""
+    from sglang.srt.enhanced.tools.quantize import quantize_checkpoint
+
+    bf16 = tiny_model_factory(arch)
+    int4 = quantize_checkpoint(bf16, tmp_path / "int4", "gptq", bits=4, group_size=32, desc_act=True)
+    fp8 = quantize_checkpoint(bf16, tmp_path / "fp8", "fp8-channel")
+    mapping = {"model.layers.*.experts.*": "int4", "model.layers.*.self_attn.*_proj.weight": "fp8"}
+    config = write_config(tmp_path, {"mixed_precision": {
+        "bf16_path": str(bf16), "fp8_path": str(fp8), "int4_path": str(int4), "weight_mapping": mapping}})
+    rc, err = run_plan(config, bf16, capsys=capsys)
+    assert rc == 0, err[-3000:]
