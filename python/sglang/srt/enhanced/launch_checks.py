@@ -91,7 +91,13 @@ def _check_context_length(
 
     from sglang.srt.hf_transformers_utils import get_context_length
 
-    model_limit = get_context_length(PretrainedConfig(**_text_config(hf_config)))
+    try:
+        model_limit = int(get_context_length(PretrainedConfig(**_text_config(hf_config))))
+    except Exception as e:  # a config.json transformers cannot read (odd rope_scaling, types)
+        raise EnhancedError(
+            f"cannot read the model's context length: {quote(str(e))}",
+            culprit=str(Path(args.model_path) / "config.json"),
+        ) from None
     wanted = args.context_length
     if wanted is None:
         return model_limit
