@@ -5,6 +5,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${SGLANG_ENHANCED_VENV:-$ROOT/.venv}"
 PYTHON_BIN="${PYTHON:-python3}"
+GPU_CONSTRAINTS="$ROOT/constraints-gpu.txt"
+PLAN_ONLY=0
 
 usage() {
     cat <<'EOF'
@@ -12,6 +14,7 @@ Usage:
   ./start_enhanced_server.sh                      set up .venv, build the demo checkpoints, serve the demo
   ./start_enhanced_server.sh -m MODEL -c CONFIG [-p PORT] [--host HOST] [--device cuda|cpu] [-- SGLANG_ARGS...]
   ./start_enhanced_server.sh --test [PYTEST_ARGS...]   set up what is missing and run the whole test suite
+  ./start_enhanced_server.sh --install-plan       print the commands a first run installs with, run nothing
   ./start_enhanced_server.sh --help
 
 Options:
@@ -25,8 +28,14 @@ Options:
 
 The first run creates .venv/ in the repository (the 'gpu' extra where an NVIDIA GPU is
 visible, else 'cpu') and installs this package into it; later runs reuse it and only
-reinstall the package when its sources changed. Set SGLANG_ENHANCED_VENV to use another
-environment.
+reinstall the package when its sources changed.
+
+Environment:
+  SGLANG_ENHANCED_VENV             the environment to use (default: .venv in the repository)
+  SGLANG_ENHANCED_EXTRA            gpu or cpu: which install to make, whatever the machine has
+  SGLANG_ENHANCED_TORCH_INDEX_URL  package index for torch 2.7.1 built for your CUDA version
+                                   (the gpu install; default: PyPI's build, CUDA 12.6)
+  PYTHON                           the Python that creates the environment (default: python3)
 EOF
 }
 
@@ -39,19 +48,84 @@ source_hash() {
         -not -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
 }
 
+# The extra to install: SGLANG_ENHANCED_EXTRA=gpu|cpu forces it, else 'gpu' where an NVIDIA GPU is visible.
+choose_extra() {
+    case "${SGLANG_ENHANCED_EXTRA:-}" in
+        gpu|cpu) printf '%s\n' "$SGLANG_ENHANCED_EXTRA" ;;
+        "") if has_nvidia_gpu; then echo gpu; else echo cpu; fi ;;
+        *) log "SGLANG_ENHANCED_EXTRA must be gpu or cpu, not '$SGLANG_ENHANCED_EXTRA'"; exit 2 ;;
+    esac
+}
+
+# Run a set-up command, or with --install-plan print it (shell-quoted, one a line) instead.
+step() {
+    if [ "$PLAN_ONLY" = 1 ]; then
+        printf '%q' "$1"; shift; printf ' %q' "$@"; printf '\n'
+    else
+        "$@"
+    fi
+}
+
+pip_in_venv() { step "$VENV/bin/python" -m pip "$@"; }
+
+# NAME==VERSION as constraints-gpu.txt pins it.
+gpu_pin() {
+    local line
+    line="$(grep -E "^$1==" "$GPU_CONSTRAINTS" || true)"
+    if [ -z "$line" ]; then log "$GPU_CONSTRAINTS pins no $1"; exit 2; fi
+    printf '%s\n' "$line"
+}
+
+# flashinfer-python 0.2.6.post1 is a source distribution whose build pins torch to the version it
+# was built against; in pip's isolated build that is the newest torch, which then conflicts with
+# SGLang's torch==2.7.1. So torch goes in first and flashinfer is built against it
+# (--no-build-isolation); every step holds the pins of constraints-gpu.txt.
+install_gpu_deps() {
+    local wheels="$VENV/.sglang-enhanced-wheels" index=()
+    if [ -n "${SGLANG_ENHANCED_TORCH_INDEX_URL:-}" ]; then index=(--index-url "$SGLANG_ENHANCED_TORCH_INDEX_URL"); fi
+    pip_in_venv install -q -c "$GPU_CONSTRAINTS" ${index[@]+"${index[@]}"} \
+        "$(gpu_pin torch)" "$(gpu_pin torchvision)" "$(gpu_pin torchaudio)"
+    pip_in_venv install -q -c "$GPU_CONSTRAINTS" "setuptools>=77" "packaging>=24" wheel ninja numpy requests
+    require_nvcc
+    pip_in_venv wheel -q --no-deps --no-build-isolation -c "$GPU_CONSTRAINTS" -w "$wheels" \
+        "$(gpu_pin flashinfer-python)"
+    pip_in_venv install -q -c "$GPU_CONSTRAINTS" --find-links "$wheels" "$ROOT[gpu,test]"
+}
+
+create_venv() {
+    step "$PYTHON_BIN" -m venv "$VENV"
+    pip_in_venv install -q --upgrade pip
+}
+
+# flashinfer's build reads the CUDA version from nvcc (and its kernels are compiled with it when first used).
+require_nvcc() {
+    if [ "$PLAN_ONLY" = 1 ] || command -v nvcc >/dev/null 2>&1 \
+        || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+        return 0
+    fi
+    log "the gpu install needs the CUDA toolkit's nvcc (for flashinfer-python): put it on PATH or set CUDA_HOME"
+    exit 1
+}
+
+install_deps() {
+    if [ "$1" = gpu ]; then
+        install_gpu_deps
+    else
+        pip_in_venv install -q "$ROOT[$1,test]"
+    fi
+}
+
 ensure_env() {
     local extra deps_stamp src_stamp
-    extra="cpu"
-    if has_nvidia_gpu; then extra="gpu"; fi
+    extra="$(choose_extra)"
     if [ ! -x "$VENV/bin/python" ]; then
         log "creating virtual environment $VENV"
-        "$PYTHON_BIN" -m venv "$VENV"
-        "$VENV/bin/python" -m pip install -q --upgrade pip
+        create_venv
     fi
-    deps_stamp="$VENV/.sglang-enhanced-deps-$extra-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+    deps_stamp="$VENV/.sglang-enhanced-deps-$extra-$(cat "$ROOT/pyproject.toml" "$GPU_CONSTRAINTS" | sha256sum | cut -c1-16)"
     if [ ! -f "$deps_stamp" ]; then
         log "installing sglang-enhanced[$extra,test] and its dependencies (first run takes a few minutes)"
-        "$VENV/bin/python" -m pip install -q "$ROOT[$extra,test]"
+        install_deps "$extra"
         rm -f "$VENV"/.sglang-enhanced-deps-* "$VENV"/.sglang-enhanced-src-*
         touch "$deps_stamp"
     fi
@@ -62,6 +136,15 @@ ensure_env() {
         rm -f "$VENV"/.sglang-enhanced-src-*
         touch "$src_stamp"
     fi
+}
+
+# What a first run on this machine installs, printed and not run.
+print_install_plan() {
+    local extra
+    extra="$(choose_extra)"
+    PLAN_ONLY=1
+    create_venv
+    install_deps "$extra"
 }
 
 build_demo() {
@@ -102,6 +185,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
         --test) MODE=test; shift; break ;;
+        --install-plan) print_install_plan; exit 0 ;;
         -m|--model) MODEL="$2"; shift 2 ;;
         -c|--config) CONFIG="$2"; shift 2 ;;
         -p|--port) PORT="$2"; shift 2 ;;

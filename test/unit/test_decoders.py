@@ -11,7 +11,12 @@ import torch
 
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.decoders.fp8 import FP8Decoder
-from sglang.srt.enhanced.mixed_precision.decoders.gptq import GPTQDecoder, GPTQDequantizer, GPTQSettings
+from sglang.srt.enhanced.mixed_precision.decoders.gptq import (
+    GPTQDecoder,
+    GPTQDequantizer,
+    GPTQSettings,
+    is_gptq_weight,
+)
 from sglang.srt.enhanced.mixed_precision.decoders.plain import PlainDecoder
 from sglang.srt.enhanced.mixed_precision.decoders.registry import available_formats, decoder_for_checkpoint
 from sglang.srt.enhanced.mixed_precision.packing import pack_int32
@@ -297,6 +302,41 @@ def test_seed_dequantizer_matches_float64():
         out_dtype=torch.float32,
     )
     torch.testing.assert_close(v2.double(), expected(0), rtol=1e-6, atol=1e-7)
+
+
+def test_seed_detection_by_tensor_names():
+    stored = {"m.q_proj.qweight": 0, "m.q_proj.qzeros": 0, "m.q_proj.scales": 0, "m.norm.weight": 0}
+    assert is_gptq_weight(stored, "m.q_proj.weight") and is_gptq_weight(list(stored), "m.q_proj")
+    assert not is_gptq_weight(stored, "m.norm.weight") and not is_gptq_weight(stored, "m.absent.weight")
+    with pytest.raises(EnhancedError) as err:
+        is_gptq_weight(["m.k_proj.qweight", "m.k_proj.scales"], "m.k_proj.weight")
+    assert err.value.culprit == "m.k_proj.weight" and "m.k_proj.qzeros" in str(err.value)
+
+
+def test_seed_detection_idiom_on_the_demo_gptq_release(demo_checkpoints):
+    """The seed's ``if is_gptq_weight(...): dequantize_gptq_weight(...) else: weights[name]`` on real files."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    original = load_file(demo_checkpoints["bf16"] / "model.safetensors")
+    quantized = 0
+    with safe_open(str(demo_checkpoints["int4"] / "model.safetensors"), framework="pt") as weights:
+        for weight_name, expected in original.items():
+            if is_gptq_weight(weights, weight_name):
+                quantized += 1
+                prefix = weight_name.removesuffix(".weight")
+                qweight, qzeros, scales, g_idx = (
+                    weights.get_tensor(f"{prefix}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")
+                )
+                weight = GPTQDequantizer.dequantize_gptq_weight(
+                    qweight, qzeros, scales, g_idx, 4, 32, out_dtype=torch.float32
+                )
+                # round to nearest: within half a quantization step of the bf16 original
+                bound = scales.double()[g_idx.long()].t() / 2 + 1e-6 * (1 + expected.double().abs())
+                assert ((weight.double() - expected.double()).abs() <= bound).all(), weight_name
+            else:
+                assert torch.equal(weights.get_tensor(weight_name), expected), weight_name
+    assert quantized == 38  # 2 layers x (4 attention + 4 experts x 3 + 3 shared expert)
 
 
 def test_v2_zeros_labelled_v1_are_detected_and_warned_once(caplog):

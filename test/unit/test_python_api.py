@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from readme_blocks import code_block
 
 from sglang.srt.enhanced.errors import EnhancedError
 
@@ -99,3 +101,30 @@ def test_bad_mapping_names_the_key(tmp_path, hf_model):
     cfg = write_config(tmp_path, folder, {"model.layers.9.mlp.gate.weight": "fp32"})
     with pytest.raises(EnhancedError, match="model.layers.9.mlp.gate.weight"):
         load_model_with_enhanced_features(model, cfg)
+
+
+def test_readme_python_api_example_runs_as_written_on_the_demo(demo_checkpoints, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from sglang.srt.enhanced.mixed_precision.decoders.gptq import GPTQDequantizer
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the example runs from the repository root
+    namespace: dict = {}
+    example = code_block("### 3. The Python API", "python")
+    exec(compile(example, "README_ENHANCED_FEATURES.md", "exec"), namespace)
+
+    model, output, expert_stats = namespace["model"], namespace["output"], namespace["expert_stats"]
+    assert "expert stats: {" in capsys.readouterr().out
+    # 2 layers x 4 routed experts x 3 projections from GPTQ; 2 layers x 3 shared-expert projections from FP8
+    assert namespace["stats"]["tensors"]["int4"] == 24 and namespace["stats"]["tensors"]["fp8"] == 6
+    packed = load_file(demo_checkpoints["int4"] / "model.safetensors")
+    prefix = "model.layers.1.mlp.experts.2.up_proj"
+    expected = GPTQDequantizer.dequantize_gptq_weight(
+        packed[f"{prefix}.qweight"], packed[f"{prefix}.qzeros"], packed[f"{prefix}.scales"], None, 4, 32,
+        out_dtype=torch.float64,
+    )
+    loaded = model.state_dict()[f"{prefix}.weight"]  # the expert as decoded into the model's float32
+    torch.testing.assert_close(loaded.double(), expected, rtol=1e-6, atol=1e-7)
+    forwarded = output.shape[1] - 1  # the prompt once, then every generated token but the last
+    for layer in ("0", "1"):
+        assert expert_stats["layer_stats"][layer]["total_tokens"] == model.config.num_experts_per_tok * forwarded

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from sglang.srt.enhanced.errors import EnhancedError
+from sglang.srt.enhanced.tools.tiny_models import MODEL_INPUT_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ RECIPE: dict[str, Any] = {
     "fp8": {"format": "fp8-block", "block_size": [32, 32]},
     # 32 divides every input dim of the tiny model (hidden 64, moe_intermediate 32, shared 64).
     "int4": {"format": "gptq", "bits": 4, "group_size": 32, "sym": True, "desc_act": False},
+    "tokenizer_inputs": list(MODEL_INPUT_NAMES),
 }
 
 

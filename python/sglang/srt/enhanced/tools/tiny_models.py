@@ -19,6 +19,8 @@ from sglang.srt.enhanced.errors import EnhancedError
 
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# What the tokenizer returns: decoder-only models take no token_type_ids (generate() refuses them).
+MODEL_INPUT_NAMES = ("input_ids", "attention_mask")
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -128,7 +130,7 @@ def train_tokenizer(out_dir: Path) -> None:
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=SPECIAL_TOKENS[0], eos_token=SPECIAL_TOKENS[2],
-        pad_token=SPECIAL_TOKENS[0], unk_token=None,
+        pad_token=SPECIAL_TOKENS[0], unk_token=None, model_input_names=list(MODEL_INPUT_NAMES),
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))

@@ -334,10 +334,8 @@ class GPTQDecoder:
         mapping: dict[str, tuple[str, ...]] = {}
         consumed: set[str] = set()
         for prefix in sorted(prefixes):
+            is_gptq_weight(stored, prefix)  # raises when qzeros or scales are missing
             needed = [f"{prefix}.qweight", f"{prefix}.qzeros", f"{prefix}.scales"]
-            missing = [n for n in needed if n not in stored]
-            if missing:
-                raise EnhancedError(f"GPTQ layer lacks {missing}", culprit=f"{prefix}.weight")
             if f"{prefix}.weight" in stored:
                 raise EnhancedError(
                     "both a float weight and GPTQ tensors are stored", culprit=f"{prefix}.weight"
@@ -542,3 +540,20 @@ class GPTQDequantizer:
             zero_offset=zero_offset,
             out_dtype=out_dtype or scales.dtype,
         )
+
+
+def is_gptq_weight(weights: Mapping[str, Any] | Iterable[str], weight_name: str) -> bool:
+    """Whether ``weight_name`` (``X.weight`` or ``X``) is stored GPTQ-packed among ``weights``.
+
+    ``weights`` is a state dict, an open safetensors file (anything with ``keys()``) or the
+    tensor names; only the names are read. True when ``X.qweight``, ``X.qzeros`` and
+    ``X.scales`` are all there; a ``qweight`` without the others raises ``EnhancedError``.
+    """
+    names = set(weights.keys() if hasattr(weights, "keys") else weights)
+    prefix = weight_name.removesuffix(".weight")
+    if f"{prefix}.qweight" not in names:
+        return False
+    missing = [f"{prefix}.{part}" for part in ("qzeros", "scales") if f"{prefix}.{part}" not in names]
+    if missing:
+        raise EnhancedError(f"GPTQ layer lacks {missing}", culprit=f"{prefix}.weight")
+    return True
