@@ -7,10 +7,10 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[2] / "README_ENHANCED_FEATURES.md"
 
 
-def code_block(heading: str, language: str) -> str:
-    """The first ``language`` fenced block after the line ``heading``."""
+def code_block(line_start: str, language: str) -> str:
+    """The first ``language`` fenced block after the first line that starts with ``line_start``."""
     text = README.read_text()
-    after = text[text.index(f"\n{heading}\n"):]
+    after = text[text.index(f"\n{line_start}"):]
     opening = f"```{language}\n"
     body = after[after.index(opening) + len(opening):]
     return body[:body.index("\n```")] + "\n"

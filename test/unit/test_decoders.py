@@ -475,3 +475,19 @@ def test_gptq_shapes_are_checked_from_shapes_alone():
         with pytest.raises(EnhancedError) as info:
             dec.decoded_nbytes(name, bad, torch.bfloat16)
         assert info.value.culprit == name
+
+
+
+def test_seed_detection_readme_example_runs_as_written(demo_checkpoints, monkeypatch):
+    from readme_blocks import code_block
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the example reads demo/ from the repository root
+    namespace: dict = {}
+    exec(compile(code_block("Detection: `is_gptq_weight", "python"), "README_ENHANCED_FEATURES.md", "exec"), namespace)
+    expected = load_file(demo_checkpoints["bf16"] / "model.safetensors")[namespace["weight_name"]]
+    packed = load_file(demo_checkpoints["int4"] / "model.safetensors")
+    scales = packed[namespace["prefix"] + ".scales"].double()
+    assert namespace["weight"].shape == expected.shape == (32, 64)
+    bound = scales.repeat_interleave(32, dim=0).t() / 2 + 1e-2 * expected.double().abs()  # RTN, then bf16
+    assert ((namespace["weight"].double() - expected.double()).abs() <= bound).all()
