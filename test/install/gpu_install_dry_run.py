@@ -10,6 +10,8 @@ Needs no GPU; flashinfer's build step needs nvcc on PATH (any CUDA version: it o
 
 ``--python-version`` repeats the resolving step for other Pythons (pip's ``--python-version`` with
 ``--only-binary=:all:``): every package of the set must then have a wheel for that Python.
+``--import-check`` then runs the last step for real and imports SGLang's server modules and ours
+(no GPU needed; sgl_kernel itself needs the NVIDIA driver and is not imported).
 The pip configuration of this machine is ignored (``PIP_CONFIG_FILE=/dev/null``, no ``PIP_*``
 variables) so that the packages come from the package index as on a fresh machine.
 """
@@ -108,6 +110,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="where the environment goes (default: a new temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the environment afterwards")
     parser.add_argument("--keep-pip-config", action="store_true", help="use this machine's pip configuration")
+    parser.add_argument("--import-check", action="store_true",
+                        help="then install for real and import SGLang's server modules and ours")
     args = parser.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="gpu-install-"))
@@ -133,6 +137,8 @@ def main() -> int:
             ok = False
         for version in args.python_version:
             ok &= other_python(commands[-1], version, work, venv, env, pins)
+        if args.import_check and ok:
+            ok &= import_check(commands[-1], venv, env)
         print("\nOK: the GPU install resolves at SGLang 0.4.7's pins" if ok else "\nFAILED")
         return 0 if ok else 1
     finally:
@@ -151,6 +157,30 @@ def other_python(last: list[str], version: str, work: Path, venv: Path, env: dic
     run(cmd + ["--find-links", str(ours), "--dry-run", "--ignore-installed", "--only-binary", ":all:",
                "--python-version", version, "--report", str(report)], env)
     return print_table(f"resolved set, Python {version} (wheels only, nothing installed)", resolved(report), {}, pins)
+
+
+IMPORTS = """
+import torch, triton, flashinfer, transformers, compressed_tensors
+print(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
+      f"flashinfer {flashinfer.__version__}, transformers {transformers.__version__}, "
+      f"compressed-tensors {compressed_tensors.__version__}")
+import sglang.srt.entrypoints.http_server, sglang.srt.layers.quantization, sglang.srt.managers.scheduler
+import sglang.srt.model_executor.model_runner
+from sglang.srt.model_loader.enhanced_mixed_precision_loader import MixedPrecisionModelLoader
+print("  imported: SGLang's HTTP server, scheduler, model runner, quantization layers; our loader")
+"""
+
+
+def import_check(last: list[str], venv: Path, env: dict[str, str]) -> bool:
+    """The resolving step for real, then the imports a server start makes first."""
+    run(last, env)
+    print("\nimport check")
+    result = subprocess.run([str(venv / "bin" / "python"), "-W", "ignore", "-c", IMPORTS], env=env,
+                            capture_output=True, text=True)
+    print(result.stdout, end="")
+    if result.returncode != 0:
+        print("  import failed:\n" + result.stderr[-3000:])
+    return result.returncode == 0
 
 
 if __name__ == "__main__":
