@@ -55,6 +55,7 @@ def test_simple_gptq_test_runs_the_seed_checks():
     result = entry_point("simple_gptq_test.py", "-rA")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for name in ("test_seed_reproducer_shapes_and_dimension_log", "test_seed_dequantizer_matches_float64",
-                 "test_seed_detection_by_tensor_names", "test_seed_detection_idiom_on_the_demo_gptq_release"):
+                 "test_seed_detection_by_tensor_names", "test_seed_detection_idiom_on_the_demo_gptq_release",
+                 "test_seed_detection_readme_example_runs_as_written"):
         assert f"PASSED test/unit/test_decoders.py::{name}" in result.stdout, name
-    assert "4 passed" in result.stdout
+    assert "5 passed" in result.stdout
