@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sglang.srt.enhanced.errors import EnhancedError
+from sglang.srt.enhanced.moe_tracker.counters import PassOutputs
 from sglang.srt.enhanced.moe_tracker.fold_kernel import fold_pass, fold_pass_ref
 
 
@@ -103,3 +104,48 @@ def test_fold_impl_is_checked(device: torch.device) -> None:
     with pytest.raises(EnhancedError) as e:
         ExpertCounters(1, 2, 1, max_tokens=2, device=device, fold_impl="cuda-graph")
     assert e.value.culprit == "fold_impl"
+
+
+def _outputs(layers: int, experts: int, slots: int, rows: torch.Tensor, device: torch.device) -> PassOutputs:
+    return PassOutputs(
+        ring=torch.zeros(3, layers, experts, dtype=torch.int32, device=device), ring_slot=1,
+        request_counts=torch.zeros(slots, layers, experts, dtype=torch.int32, device=device),
+        token_rows=rows.to(device),
+        coactivation=torch.zeros(layers, experts, experts, dtype=torch.int64, device=device),
+    )
+
+
+@pytest.mark.parametrize("fold", [fold_pass, fold_pass_ref], ids=["kernel", "reference"])
+def test_hand_computed_ring_requests_and_pairs(fold, device: torch.device) -> None:
+    staging = torch.tensor([
+        [[0, 1], [0, 2], [3, -1], [1, 1]],
+        [[2, 3], [2, 7], [-1, -1], [0, 0]],
+    ], dtype=torch.int32, device=device)  # fmt: skip
+    counts, last = _totals(2, 4, device)
+    # Tokens 0 and 2 belong to request slot 1, token 1 to slot 0; row 3 is padding.
+    out = _outputs(2, 4, 2, torch.tensor([1, 0, 1, 0]), device)
+    fold(staging, 3, 4, counts, last, 0, 5.0, 4, out)
+    assert out.ring[1].tolist() == [[2, 1, 1, 1], [0, 0, 2, 1]]
+    assert out.ring[0].sum().item() == 0 and out.ring[2].sum().item() == 0
+    assert out.request_counts[1].tolist() == [[1, 1, 0, 1], [0, 0, 1, 1]]
+    assert out.request_counts[0].tolist() == [[1, 0, 1, 0], [0, 0, 1, 0]]
+    pairs = torch.zeros(2, 4, 4, dtype=torch.int64)
+    pairs[0, 0, 1] = pairs[0, 0, 2] = pairs[1, 2, 3] = 1  # (2, 7): 7 is out of range
+    assert torch.equal(out.coactivation.cpu(), pairs)
+
+
+@pytest.mark.parametrize(("layers", "rows", "top_k", "experts", "num_tokens"),
+                         [(2, 9, 2, 6, 9), (3, 40, 4, 33, 37), (1, 300, 8, 64, 290)])
+def test_kernel_outputs_match_reference(device, layers, rows, top_k, experts, num_tokens) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    staging = torch.stack([torch.stack([torch.randperm(experts + 1, generator=gen)[:top_k] - 1
+                                        for _ in range(rows)]) for _ in range(layers)]).to(torch.int32)
+    token_rows = torch.randint(-1, 5, (rows,), generator=gen)
+    results = []
+    for fold in (fold_pass, fold_pass_ref):
+        counts, last = _totals(layers, experts, device)
+        out = _outputs(layers, experts, 5, token_rows, device)
+        fold(staging.clone().to(device), num_tokens, rows, counts, last, 1, 3.0, experts, out)
+        results.append([t.cpu() for t in (counts, out.ring, out.request_counts, out.coactivation)])
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)

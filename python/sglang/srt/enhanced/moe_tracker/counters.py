@@ -17,9 +17,18 @@ the same tensors (a torch op costs several microseconds there, a numpy call one)
 other devices it builds one ``[layers, experts + 1]`` histogram with ``scatter_add_``
 (padding ids ``-1`` and out-of-range ids land in the extra column) and updates the
 totals with a few torch ops.
+
+Optional per-pass outputs, all updated by the same fold (so still no host sync and nothing
+inside a CUDA graph): a ring of the last ``window`` passes' histograms (``ring``, int32
+``[window, layers, experts]``), per-request-slot counts (``request_counts``, int32 ``[slots,
+layers, experts]``, sized by :meth:`enable_request_slots`; each token's slot comes with the
+pass) and per-layer co-activation pair counts (``coactivation``, int64 ``[layers, experts,
+experts]``, pair ``a < b`` at ``[layer, a, b]``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +38,17 @@ from sglang.srt.enhanced.moe_tracker.snapshot import PHASES
 
 EMPTY = -1
 FOLD_IMPLS = ("triton", "numpy", "torch")
+
+
+@dataclass
+class PassOutputs:
+    """Optional outputs of a fold (see ``fold_kernel``); None = not kept."""
+
+    ring: torch.Tensor | None = None
+    ring_slot: int = 0
+    request_counts: torch.Tensor | None = None
+    token_rows: torch.Tensor | None = None
+    coactivation: torch.Tensor | None = None
 
 
 class ExpertCounters:
@@ -57,12 +77,16 @@ class ExpertCounters:
         max_tokens: int,
         device: torch.device | str = "cpu",
         fold_impl: str | None = None,
+        *,
+        window: int = 0,
+        coactivation: bool = False,
     ) -> None:
         for name, value in (
             ("num_layers", routing_layers),
             ("num_experts", routing_experts),
             ("top_k", top_k),
             ("max_tokens", max_tokens),
+            ("window", window),
         ):
             if value < 0:
                 raise EnhancedError(f"{name} must be >= 0, got {value}", culprit=name)
@@ -99,6 +123,21 @@ class ExpertCounters:
         self.num_layers = 0
         self.num_experts = 0
         self._alloc_totals(routing_layers, routing_experts)
+        shape = (routing_layers, routing_experts)
+        self.ring = torch.zeros(window, *shape, dtype=torch.int32, device=self.device) if window else None
+        self.coactivation = (
+            torch.zeros(routing_layers, routing_experts, routing_experts, dtype=torch.int64, device=self.device)
+            if coactivation else None
+        )
+        self.request_counts: torch.Tensor | None = None
+
+    def enable_request_slots(self, num_slots: int) -> torch.Tensor:
+        """Allocate (once) the per-request-slot counts ``[num_slots, layers, experts]``; returns them."""
+        if self.request_counts is None or self.request_counts.shape[0] < num_slots:
+            self.request_counts = torch.zeros(
+                num_slots, self.routing_layers, self.routing_experts, dtype=torch.int32, device=self.device
+            )
+        return self.request_counts
 
     # ------------------------------------------------------------------ staging
     @property
@@ -170,24 +209,41 @@ class ExpertCounters:
     def _drop_pending(self) -> None:
         self._pending_dst, self._pending_src = [], []
 
-    def fold(self, num_tokens: int, phase: int, now: float, clear_rows: int | None = None) -> None:
+    def fold(
+        self,
+        num_tokens: int,
+        phase: int,
+        now: float,
+        clear_rows: int | None = None,
+        *,
+        ring_slot: int | None = None,
+        token_rows: torch.Tensor | None = None,
+    ) -> None:
         """Add the histogram of rows ``[:num_tokens]`` of the staged pass to the totals.
 
         ``clear_rows`` (default ``num_tokens``) rows are then reset to ``-1`` for the next pass.
-        No host sync.
+        ``ring_slot`` (with a ring) is where the pass's histogram goes; ``token_rows`` (int64,
+        one entry per token, ``-1`` = none) the request slot of each token. No host sync.
         """
         self.flush()
         buf = self._active
+        outputs = PassOutputs(
+            ring=self.ring if ring_slot is not None else None,
+            ring_slot=ring_slot or 0,
+            request_counts=self.request_counts if token_rows is not None else None,
+            token_rows=token_rows,
+            coactivation=self.coactivation,
+        )
         if self.fold_impl == "triton":
             from sglang.srt.enhanced.moe_tracker.fold_kernel import fold_pass
 
             fold_pass(buf, num_tokens, max(num_tokens, clear_rows or 0), self._counts,
-                      self.last_activation_time, phase, now, self.routing_experts)
+                      self.last_activation_time, phase, now, self.routing_experts, outputs)
             self._use_primary()
             return
         num_tokens = min(num_tokens, buf.shape[1])
         if self.fold_impl == "numpy":
-            self._fold_numpy(buf.numpy(), num_tokens, phase, now, clear_rows)
+            self._fold_numpy(buf.numpy(), num_tokens, phase, now, clear_rows, outputs)
             self._use_primary()
             return
         if num_tokens > 0:
@@ -203,13 +259,14 @@ class ExpertCounters:
             tokens.add_(hist)
             activations.add_(hit)
             self._fold_last.masked_fill_(hit, now)
+            _fold_extras_torch(buf[:, :num_tokens], hist, outputs, self.routing_experts)
         clear = min(max(num_tokens, clear_rows or 0), buf.shape[1])
         if clear > 0:
             buf[:, :clear].fill_(EMPTY)
         self._use_primary()
 
     def _fold_numpy(self, buf: np.ndarray, num_tokens: int, phase: int, now: float,
-                    clear_rows: int | None) -> None:
+                    clear_rows: int | None, outputs: PassOutputs) -> None:
         """:meth:`fold` on the CPU: numpy views of the staging buffer and the totals."""
         if num_tokens > 0:
             nl, ne = self.routing_layers, self.routing_experts
@@ -222,6 +279,7 @@ class ExpertCounters:
             tokens += hist
             activations += hit
             self._np_fold_last[hit] = now
+            _fold_extras_numpy(buf[:, :num_tokens], hist, outputs, nl, ne)
         clear = min(max(num_tokens, clear_rows or 0), buf.shape[1])
         if clear > 0:
             buf[:, :clear] = EMPTY
@@ -259,9 +317,11 @@ class ExpertCounters:
         self.last_activation_time[:nl, :ne].copy_(old_last)
 
     def reset(self) -> None:
-        """Zero the resettable totals; lifetime totals are kept."""
+        """Zero the resettable totals (co-activation included); lifetime totals are kept."""
         self._counts[0].zero_()
         self.last_activation_time.zero_()
+        if self.coactivation is not None:
+            self.coactivation.zero_()
 
     def to_cpu(self) -> dict[str, torch.Tensor]:
         """CPU copies of all totals (this syncs with the device)."""
@@ -305,6 +365,57 @@ class ExpertCounters:
         return torch.full(
             (self.routing_layers, rows, self.top_k), EMPTY, dtype=torch.int32, device=self.device
         )
+
+
+def _pairs(top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    first, second = np.triu_indices(top_k, 1)
+    return first, second
+
+
+def _fold_extras_numpy(ids: np.ndarray, hist: np.ndarray, out: PassOutputs, layers: int,
+                       num_experts: int) -> None:
+    """Ring slot, per-request and co-activation counts of ``ids`` ``[layers, tokens, k]`` (numpy)."""
+    _, tokens, top_k = ids.shape
+    valid = (ids >= 0) & (ids < num_experts)
+    layer_of = np.broadcast_to(np.arange(layers).reshape(-1, 1, 1), ids.shape)
+    if out.ring is not None:
+        out.ring.numpy()[out.ring_slot] = hist
+    if out.request_counts is not None:
+        rows = np.broadcast_to(out.token_rows.numpy()[:tokens].reshape(1, -1, 1), ids.shape)
+        keep = valid & (rows >= 0)
+        np.add.at(out.request_counts.numpy(), (rows[keep], layer_of[keep], ids[keep]), 1)
+    if out.coactivation is not None and top_k > 1:
+        first, second = _pairs(top_k)
+        a, b = ids[:, :, first], ids[:, :, second]
+        keep = valid[:, :, first] & valid[:, :, second] & (a != b)
+        layer_p = np.broadcast_to(np.arange(layers).reshape(-1, 1, 1), a.shape)
+        np.add.at(out.coactivation.numpy(),
+                  (layer_p[keep], np.minimum(a, b)[keep], np.maximum(a, b)[keep]), 1)
+
+
+def _fold_extras_torch(ids: torch.Tensor, hist: torch.Tensor, out: PassOutputs, num_experts: int) -> None:
+    """:func:`_fold_extras_numpy` with torch ops and no host sync (invalid entries add 0).
+
+    ``hist`` is the pass's ``[layers, experts]`` histogram.
+    """
+    layers, tokens, top_k = ids.shape
+    ids = ids.to(torch.int64)
+    valid = (ids >= 0) & (ids < num_experts)
+    safe = ids.clamp(0, num_experts - 1)
+    layer_of = torch.arange(layers, device=ids.device).view(-1, 1, 1).expand_as(ids)
+    if out.ring is not None:
+        out.ring[out.ring_slot].copy_(hist)
+    if out.request_counts is not None:
+        rows = out.token_rows[:tokens].view(1, -1, 1).expand_as(ids)
+        keep = valid & (rows >= 0)
+        out.request_counts.index_put_((rows.clamp(min=0), layer_of, safe), keep.to(torch.int32), accumulate=True)
+    if out.coactivation is not None and top_k > 1:
+        first, second = (torch.as_tensor(x, device=ids.device) for x in _pairs(top_k))
+        a, b = safe[:, :, first], safe[:, :, second]
+        keep = valid[:, :, first] & valid[:, :, second] & (a != b)
+        layer_p = torch.arange(layers, device=ids.device).view(-1, 1, 1).expand_as(a)
+        out.coactivation.index_put_((layer_p, torch.minimum(a, b), torch.maximum(a, b)), keep.to(torch.int64),
+                                    accumulate=True)
 
 
 def _round_up(value: int, multiple: int) -> int:
