@@ -31,5 +31,9 @@ def reset_expert_activation_stats() -> None:
 
 
 def export_expert_activation_stats(file_path: str | Path) -> None:
-    """Export the global tracker's statistics to ``file_path`` (.json, .csv, .png; else JSON)."""
+    """Export the global tracker's statistics to ``file_path``.
+
+    ``.json``, ``.csv``, ``.png`` (heatmap), ``.sglang.json`` (SGLang's ``--init-expert-location``
+    input); any other name gets JSON.
+    """
     _tracker().export_stats(str(file_path))

@@ -1,7 +1,9 @@
-"""Export expert statistics as JSON, CSV or a PNG heatmap.
+"""Export expert statistics as JSON, CSV, a PNG heatmap or SGLang's expert-location input.
 
-The format follows the file extension: ``.json``, ``.csv``, ``.png``; any other extension
-(or none) gets JSON. Files are written atomically (a temporary file in the same folder,
+The format follows the file extension: ``.json``, ``.csv``, ``.png``, ``.sglang.json``
+(``sglang``: exactly what SGLang's ``--init-expert-location FILE`` reads, ``{"logical_count":
+[layers][experts]}`` tokens per expert over every hidden layer, dense layers zero); any other
+extension (or none) gets JSON. Files are written atomically (a temporary file in the same folder,
 then ``os.replace``). :func:`render_export` returns the bytes instead, for HTTP downloads.
 """
 
@@ -23,7 +25,7 @@ from sglang.srt.enhanced.moe_tracker.stats import expert_activation_stats
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("json", "csv", "png")
+FORMATS = ("json", "csv", "png", "sglang")
 CSV_COLUMNS = (
     "layer_id",
     "expert_id",
@@ -36,13 +38,17 @@ CSV_COLUMNS = (
     "share_of_layer_tokens",
     "last_activation_time",
 )
-MEDIA_TYPES = {"json": "application/json", "csv": "text/csv", "png": "image/png"}
+MEDIA_TYPES = {"json": "application/json", "csv": "text/csv", "png": "image/png", "sglang": "application/json"}
+FILE_NAMES = {"json": "expert_stats.json", "csv": "expert_stats.csv", "png": "expert_stats.png",
+              "sglang": "expert_stats.sglang.json"}
 
 StatsLike = TrackerSnapshot | dict[str, Any]
 
 
 def format_for_path(path: str | os.PathLike[str]) -> str:
-    """The export format of ``path``: its extension if known, else ``"json"``."""
+    """The export format of ``path``: its extension if known (``.sglang.json``: sglang), else ``"json"``."""
+    if Path(path).name.lower().endswith(".sglang.json"):
+        return "sglang"
     ext = Path(path).suffix.lower().lstrip(".")
     return ext if ext in FORMATS else "json"
 
@@ -70,9 +76,52 @@ def render_export(data: StatsLike, fmt: str) -> bytes:
         raise EnhancedError("expected a TrackerSnapshot or a stats dict", culprit=type(data).__name__)
     if fmt == "json":
         return (json.dumps(stats, indent=2) + "\n").encode()
+    if fmt == "sglang":
+        return (json.dumps(sglang_expert_location(stats)) + "\n").encode()
     if fmt == "csv":
         return _render_csv(stats)
     return _render_png(stats)
+
+
+def sglang_expert_location(stats: dict[str, Any]) -> dict[str, list[list[int]]]:
+    """SGLang's ``--init-expert-location`` input: ``logical_count`` [hidden layers, experts] tokens.
+
+    Rows follow SGLang's layer numbering (every hidden layer); layers without MoE are zero.
+    """
+    if "layer_stats" not in stats or "summary" not in stats:
+        raise EnhancedError("the SGLang expert-location export needs 'layer_stats' and 'summary'", culprit="stats")
+    summary = stats["summary"]
+    num_experts = int(summary["num_experts"])
+    num_layers = int(summary.get("num_hidden_layers") or 1 + max((int(k) for k in stats["layer_stats"]), default=-1))
+    rows = [[0] * num_experts for _ in range(num_layers)]
+    for key, layer in stats["layer_stats"].items():
+        experts = layer["experts"]
+        rows[int(key)] = [int(experts.get(str(e), {}).get("total_tokens_processed", 0)) for e in range(num_experts)]
+    return {"logical_count": rows}
+
+
+def render_coactivation_png(coactivation: dict[str, Any]) -> bytes:
+    """A heatmap of one layer's co-activation counts (:func:`stats.coactivation_stats`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    matrix, n = coactivation["counts"], coactivation["num_experts"]
+    side = min(max(300 + 16 * n, 480), 3000)
+    fig = Figure(figsize=(side / 100, side / 100), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="magma", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="tokens that chose both experts")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("expert")
+    ax.set_title(f"Expert co-activation, layer {coactivation['layer_id']}")
+    step = max(1, math.ceil(n / 32))
+    ax.set_xticks(range(0, n, step))
+    ax.set_yticks(range(0, n, step))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
 
 
 def heatmap_size(num_layers: int, num_experts: int) -> tuple[int, int]:

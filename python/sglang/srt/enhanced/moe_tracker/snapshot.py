@@ -32,7 +32,14 @@ class TrackerSnapshot:
     (``time.time()``) of the expert's last active pass since the last reset; 0.0 means never.
     ``layer_ids`` are the MoE layers to report (dense layers are left out).
     ``num_passes`` / ``lifetime_passes`` count passes with at least one token, by phase.
-    ``requests`` holds records ``{request_id, input_length, output_length, time, ...}``.
+    ``requests`` holds records ``{request_id, input_length, output_length, time,
+    expert_activations, tokens_routed}``.
+
+    Optional parts: ``window`` (``{requested, passes, capacity}``) when the counters are those
+    of the last passes rather than since the reset; ``request_experts`` (request id ->
+    ``[[layer, expert, tokens], ...]``, nonzero counts only); ``coactivation`` (layer ->
+    symmetric ``[experts][experts]`` counts of tokens that chose both experts, tokens per expert
+    on the diagonal).
     """
 
     num_layers: int
@@ -50,6 +57,9 @@ class TrackerSnapshot:
     start_time: float
     created_time: float
     snapshot_time: float
+    window: dict[str, int] | None = None
+    request_experts: dict[str, list[list[int]]] = dataclasses.field(default_factory=dict)
+    coactivation: dict[int, list[list[int]]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python (lists, ints, floats) for JSON or any transport."""
@@ -68,11 +78,13 @@ class TrackerSnapshot:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrackerSnapshot:
         """Inverse of :meth:`to_dict`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(data)
+        fields = dataclasses.fields(cls)
+        required = {f.name for f in fields if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING}
+        missing = required - set(data)
         if missing:
             raise EnhancedError(f"snapshot dict lacks keys {sorted(missing)}", culprit="snapshot")
-        kw = {name: data[name] for name in names}
+        kw = {f.name: data[f.name] for f in fields if f.name in data}
         num_layers, num_experts = int(kw["num_layers"]), int(kw["num_experts"])
         for name in _COUNTER_FIELDS:
             kw[name] = _as_tensor(kw[name], torch.int64, (2, num_layers, num_experts), name)
@@ -83,6 +95,9 @@ class TrackerSnapshot:
         kw["num_passes"] = {p: int(kw["num_passes"].get(p, 0)) for p in PHASES}
         kw["lifetime_passes"] = {p: int(kw["lifetime_passes"].get(p, 0)) for p in PHASES}
         kw["requests"] = [dict(r) for r in kw["requests"]]
+        kw["request_experts"] = {str(k): [list(map(int, t)) for t in v]
+                                 for k, v in (kw.get("request_experts") or {}).items()}
+        kw["coactivation"] = {int(k): v for k, v in (kw.get("coactivation") or {}).items()}
         return cls(**kw)
 
     @classmethod
@@ -106,8 +121,18 @@ class TrackerSnapshot:
             for name in _COUNTER_FIELDS:
                 counters[name][:, :nl, :ne] += getattr(snap, name)
             torch.maximum(last[:nl, :ne], snap.last_activation_time, out=last[:nl, :ne])
-        requests = [dict(r) for s in snapshots for r in s.requests]
-        requests.sort(key=lambda r: r.get("time") or 0.0)
+        requests = merge_requests([r for s in snapshots for r in s.requests])
+        request_experts: dict[str, list[list[int]]] = {}
+        for snap in snapshots:
+            for rid, triples in snap.request_experts.items():
+                request_experts[rid] = _add_triples(request_experts.get(rid, []), triples)
+        coactivation: dict[int, list[list[int]]] = {}
+        for snap in snapshots:
+            for layer, matrix in snap.coactivation.items():
+                held = coactivation.get(layer)
+                coactivation[layer] = matrix if held is None else (
+                    torch.tensor(held) + torch.tensor(matrix)).tolist()
+        windows = [s.window for s in snapshots if s.window is not None]
         return cls(
             num_layers=num_layers,
             num_experts=num_experts,
@@ -120,8 +145,35 @@ class TrackerSnapshot:
             start_time=min(s.start_time for s in snapshots),
             created_time=min(s.created_time for s in snapshots),
             snapshot_time=max(s.snapshot_time for s in snapshots),
+            window={"requested": windows[0]["requested"], "passes": sum(w["passes"] for w in windows),
+                    "capacity": max(w["capacity"] for w in windows)} if windows else None,
+            request_experts=request_experts,
+            coactivation=coactivation,
             **counters,
         )
+
+
+def merge_requests(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per request id: lengths from whichever record has them, expert use summed."""
+    merged: dict[str, dict[str, Any]] = {}
+    for record in records:
+        held = merged.get(record["request_id"])
+        if held is None:
+            merged[record["request_id"]] = dict(record)
+            continue
+        for key, value in record.items():
+            if key in ("expert_activations", "tokens_routed"):
+                held[key] = (held.get(key) or 0) + (value or 0)
+            elif held.get(key) is None:
+                held[key] = value
+    return sorted(merged.values(), key=lambda r: r.get("time") or 0.0)
+
+
+def _add_triples(a: list[list[int]], b: list[list[int]]) -> list[list[int]]:
+    totals: dict[tuple[int, int], int] = {}
+    for layer, expert, tokens in (*a, *b):
+        totals[(layer, expert)] = totals.get((layer, expert), 0) + tokens
+    return [[layer, expert, tokens] for (layer, expert), tokens in sorted(totals.items())]
 
 
 def _as_tensor(value: Any, dtype: torch.dtype, shape: tuple[int, ...], name: str) -> torch.Tensor:

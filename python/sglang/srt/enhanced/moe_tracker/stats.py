@@ -18,7 +18,11 @@ Token counts are routed tokens: a token sent to its top-k experts counts once fo
 a layer's ``total_tokens`` is tokens x top_k. Extra keys beyond the original structure:
 per expert and layer ``prefill_tokens``/``decode_tokens``/``prefill_activations``/
 ``decode_activations``; per expert ``share_of_layer_tokens``; per layer ``active_experts``
-and ``load_balance``; ``requests``; ``summary``.
+and ``load_balance``; ``requests``; ``summary``; ``request_experts`` (per-request expert use,
+see :func:`request_expert_use`) when the snapshot carries it.
+
+A snapshot of the last N passes (``snapshot.window``) gives the same structure over those
+passes; ``summary.window`` then says how many passes it covers.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def expert_activation_stats(
     table = _Table(snapshot)
     if expert_id is not None:
         return table.expert(layer_id, expert_id)
-    return {
+    out = {
         "expert_stats": {
             f"layer_{layer}_expert_{e}": table.expert(layer, e)
             for layer in layers
@@ -62,6 +66,58 @@ def expert_activation_stats(
         "requests": [dict(r) for r in snapshot.requests],
         "summary": summary(snapshot),
     }
+    if snapshot.request_experts:
+        out["request_experts"] = {rid: request_expert_use(snapshot, rid) for rid in snapshot.request_experts}
+    return out
+
+
+def request_expert_use(snapshot: TrackerSnapshot, request_id: str) -> dict[str, Any]:
+    """One finished request's expert use: per MoE layer the experts it used and their tokens.
+
+    ``{request_id, input_length, output_length, tokens_routed, expert_activations,
+    layers: {"{l}": {experts: {"{e}": tokens}, distinct_experts, tokens}}}``; every MoE layer
+    is listed. Unknown requests raise :class:`EnhancedError` naming the id.
+    """
+    triples = snapshot.request_experts.get(request_id)
+    if triples is None:
+        raise EnhancedError(f"no expert use recorded for request {request_id!r} (unknown, running, or "
+                            "older than the records kept)", culprit=request_id)
+    record = next((r for r in snapshot.requests if r["request_id"] == request_id), {})
+    layers: dict[str, dict[str, Any]] = {str(layer): {"experts": {}, "distinct_experts": 0, "tokens": 0}
+                                         for layer in snapshot.layer_ids}
+    for layer, expert, tokens in triples:
+        entry = layers.setdefault(str(layer), {"experts": {}, "distinct_experts": 0, "tokens": 0})
+        entry["experts"][str(expert)] = tokens
+        entry["distinct_experts"] += 1
+        entry["tokens"] += tokens
+    return {
+        "request_id": request_id,
+        "input_length": record.get("input_length"),
+        "output_length": record.get("output_length"),
+        "tokens_routed": sum(t for _, _, t in triples),
+        "expert_activations": len(triples),
+        "layers": layers,
+    }
+
+
+def coactivation_stats(snapshot: TrackerSnapshot, layer_id: int) -> dict[str, Any]:
+    """Layer ``layer_id``'s co-activation counts: ``counts[a][b]`` = tokens that chose both a and b.
+
+    The diagonal holds each expert's tokens. Raises :class:`EnhancedError` if the snapshot lacks the layer.
+    """
+    matrix = snapshot.coactivation.get(layer_id)
+    if matrix is None:
+        raise EnhancedError(f"no co-activation counts for layer {layer_id} (not a tracked MoE layer, or "
+                            "co-activation counting is off)", culprit=(layer_id, None))
+    return {"layer_id": layer_id, "num_experts": len(matrix), "top_k": snapshot.top_k,
+            "since": snapshot.start_time, "counts": matrix}
+
+
+def load_balance_by_layer(snapshot: TrackerSnapshot) -> dict[str, Any]:
+    """``{layers: {"{l}": load_balance}, summary}`` of every MoE layer's token counts."""
+    table = _Table(snapshot)
+    return {"layers": {str(layer): load_balance(table._layer_tokens(layer)) for layer in snapshot.layer_ids},
+            "summary": summary(snapshot)}
 
 
 def layer_stats(snapshot: TrackerSnapshot) -> dict[str, dict[str, Any]]:
@@ -124,6 +180,8 @@ def summary(snapshot: TrackerSnapshot) -> dict[str, Any]:
         "lifetime_tokens": int(lifetime),
         "tracking_since": snapshot.start_time,
         "snapshot_time": snapshot.snapshot_time,
+        "num_hidden_layers": snapshot.num_layers,
+        **({"window": dict(snapshot.window)} if snapshot.window else {}),
     }
 
 

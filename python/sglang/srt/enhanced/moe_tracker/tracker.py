@@ -10,6 +10,12 @@ Two ways in:
 
 - the host path of the original API: ``record_expert_activation`` / ``record_request``.
 
+Beyond the totals since the last reset, the device path keeps (each optional): the last
+``window_passes`` passes' counts (``snapshot(window=N)``), per-layer co-activation pair
+counts and, once :meth:`enable_request_use` is called with the number of request slots,
+each finished request's tokens per (layer, expert) (``begin_pass`` then takes each token's
+slot; :meth:`release_request_slot` closes a slot).
+
 Reports are built on the host from a :class:`TrackerSnapshot` (see ``stats.py``), so a
 server process can report on snapshots taken in other processes.
 
@@ -31,10 +37,12 @@ import torch
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.moe_tracker import stats as _stats
 from sglang.srt.enhanced.moe_tracker.counters import ExpertCounters
+from sglang.srt.enhanced.moe_tracker.request_use import DEFAULT_MAX_RECORDS, RequestExpertUse
 from sglang.srt.enhanced.moe_tracker.snapshot import DECODE, PHASES, PREFILL, TrackerSnapshot
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_REQUESTS = 10_000
+DEFAULT_WINDOW_PASSES = 1000
 
 
 class ExpertActivationTracker:
@@ -44,7 +52,8 @@ class ExpertActivationTracker:
     buffers; they may all be 0 for a host-path-only tracker, which grows as records arrive.
     ``layer_ids`` names the MoE layers to report (default: all ``num_layers``); layers
     recorded through the host path are added. ``max_requests`` bounds the request records
-    kept (oldest dropped first).
+    kept (oldest dropped first). ``window_passes`` sizes the ring of recent passes (0 = none),
+    ``coactivation`` turns the pair counts on.
 
     Host-side mutations and snapshots hold one lock; ``record_routing`` takes none (it only
     copies into the buffer chosen by ``begin_pass``).
@@ -60,8 +69,13 @@ class ExpertActivationTracker:
         device: torch.device | str = "cpu",
         layer_ids: Sequence[int] | None = None,
         max_requests: int = DEFAULT_MAX_REQUESTS,
+        window_passes: int = DEFAULT_WINDOW_PASSES,
+        coactivation: bool = True,
     ) -> None:
-        self._counters = ExpertCounters(num_layers, num_experts, top_k, max_tokens, device)
+        routing = num_layers > 0 and num_experts > 0 and top_k > 0
+        self._counters = ExpertCounters(num_layers, num_experts, top_k, max_tokens, device,
+                                        window=window_passes if routing else 0,
+                                        coactivation=coactivation and routing)
         if layer_ids is None:
             layer_ids = range(num_layers)
         bad = [i for i in layer_ids if i < 0 or (num_layers > 0 and i >= num_layers)]
@@ -78,7 +92,11 @@ class ExpertActivationTracker:
         self._num_passes = [0, 0]
         self._lifetime_passes = [0, 0]
         self._created_time = self._start_time = time.time()
-        self._pass: tuple[int, int] | None = None
+        self._pass: tuple[int, int, torch.Tensor | None] | None = None
+        # Ring of recent passes: host-side phase and time of each slot, next slot, slots filled.
+        self._ring_meta: list[tuple[int, float]] = []
+        self._ring_next = 0
+        self.request_use: RequestExpertUse | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -109,11 +127,31 @@ class ExpertActivationTracker:
         return self._pass is not None
 
     # ------------------------------------------------------------------ device path
-    def begin_pass(self, num_tokens: int, is_decode: bool) -> None:
+    @property
+    def window_capacity(self) -> int:
+        """Passes the ring of recent passes holds (0 = no ring)."""
+        ring = self._counters.ring
+        return 0 if ring is None else ring.shape[0]
+
+    def enable_request_use(self, num_slots: int, max_records: int = DEFAULT_MAX_RECORDS) -> None:
+        """Count each request's tokens per (layer, expert) in ``num_slots`` request slots."""
+        with self._lock:
+            if self.request_use is None:
+                slots = self._counters.enable_request_slots(num_slots)
+                self.request_use = RequestExpertUse(slots, max_records)
+
+    def release_request_slot(self, slot: int, request_id: str, finished: bool) -> None:
+        """Request ``request_id`` leaves slot ``slot``; ``finished`` closes its record. No host sync."""
+        with self._lock:
+            if self.request_use is not None:
+                self.request_use.release(slot, request_id, finished)
+
+    def begin_pass(self, num_tokens: int, is_decode: bool, token_rows: torch.Tensor | None = None) -> None:
         """Start a forward pass of ``num_tokens`` rows (include CUDA-graph padding rows here).
 
         Host side, outside graph capture. A pass larger than ``max_tokens`` stages into a
-        separate, growable buffer and must run eagerly.
+        separate, growable buffer and must run eagerly. ``token_rows`` (int64, on the device,
+        one entry per real token, ``-1`` = none) is each token's request slot.
         """
         if num_tokens < 0:
             raise EnhancedError(f"num_tokens must be >= 0, got {num_tokens}", culprit="num_tokens")
@@ -125,7 +163,8 @@ class ExpertActivationTracker:
             if self._pass is not None:
                 raise EnhancedError("begin_pass called again before end_pass", culprit="tracker")
             self._counters.select(num_tokens)
-            self._pass = (num_tokens, DECODE if is_decode else PREFILL)
+            rows = token_rows if self.request_use is not None else None
+            self._pass = (num_tokens, DECODE if is_decode else PREFILL, rows)
 
     def record_routing(self, layer_id: int, topk_ids: torch.Tensor) -> None:
         """Stage the router's choice ``topk_ids`` ``[num_tokens, top_k]`` of MoE layer ``layer_id``.
@@ -147,7 +186,7 @@ class ExpertActivationTracker:
         with self._lock:
             if self._pass is None:
                 raise EnhancedError("end_pass called without begin_pass", culprit="tracker")
-            begun, phase = self._pass
+            begun, phase, token_rows = self._pass
             count = begun if num_tokens is None else num_tokens
             if not 0 <= count <= begun:
                 self._counters.discard(begun)
@@ -155,7 +194,10 @@ class ExpertActivationTracker:
                 raise EnhancedError(
                     f"end_pass num_tokens={count} is outside [0, {begun}] (begin_pass)", culprit="num_tokens"
                 )
-            self._counters.fold(count, phase, time.time(), clear_rows=begun)
+            now = time.time()
+            ring_slot = self._ring_slot(phase, now) if count > 0 and self.window_capacity else None
+            rows = token_rows if token_rows is not None and token_rows.numel() >= count else None
+            self._counters.fold(count, phase, now, clear_rows=begun, ring_slot=ring_slot, token_rows=rows)
             if count > 0:
                 self._num_passes[phase] += 1
                 self._lifetime_passes[phase] += 1
@@ -214,23 +256,112 @@ class ExpertActivationTracker:
             record.update(input_length=int(input_length), output_length=int(output_length), time=now)
 
     # ------------------------------------------------------------------ reports
-    def snapshot(self) -> TrackerSnapshot:
-        """A CPU copy of all counters (syncs with the device)."""
+    def snapshot(
+        self,
+        window: int | None = None,
+        request_ids: Sequence[str] | None = (),
+        coactivation_layers: Sequence[int] = (),
+    ) -> TrackerSnapshot:
+        """A CPU copy of the counters (syncs with the device).
+
+        ``window``: the counts of the last ``window`` passes instead of those since the reset
+        (the lifetime totals stay). ``request_ids``: whose per-(layer, expert) tokens to include
+        (None = every finished request). ``coactivation_layers``: layers whose pair counts to include
+        (layers it does not track, or all with co-activation off, are left out).
+        """
         with self._lock:
             totals = self._counters.to_cpu()
+            num_passes = dict(zip(PHASES, self._num_passes, strict=True))
+            window_info = None
+            if window is not None:
+                totals.update(self._window_totals(window))
+                num_passes = totals.pop("num_passes")
+                window_info = {"requested": window, "passes": sum(num_passes.values()),
+                               "capacity": self.window_capacity}
+            requests = self._merged_requests()
+            use = self.request_use
             return TrackerSnapshot(
                 num_layers=self._counters.num_layers,
                 num_experts=self._counters.num_experts,
                 top_k=self.top_k,
                 layer_ids=sorted(self._layer_ids),
-                num_passes=dict(zip(PHASES, self._num_passes, strict=True)),
+                num_passes=num_passes,
                 lifetime_passes=dict(zip(PHASES, self._lifetime_passes, strict=True)),
-                requests=[dict(r) for r in self._requests.values()],
+                requests=requests,
                 start_time=self._start_time,
                 created_time=self._created_time,
                 snapshot_time=time.time(),
+                window=window_info,
+                request_experts=use.expert_tokens(None if request_ids is None else list(request_ids))
+                if use is not None and request_ids != () else {},
+                coactivation=self._coactivation(coactivation_layers, totals["tokens"]),
                 **totals,
             )
+
+    def _merged_requests(self) -> list[dict[str, Any]]:
+        """Host records, with the device path's per-request expert use added (by request id)."""
+        records = {rid: dict(r) for rid, r in self._requests.items()}
+        if self.request_use is not None:
+            for use in self.request_use.summaries():
+                record = records.get(use["request_id"])
+                if record is None:
+                    records[use["request_id"]] = {"input_length": None, "output_length": None, **use}
+                else:
+                    record["expert_activations"] += use["expert_activations"]
+                    record["tokens_routed"] += use["tokens_routed"]
+        return sorted(records.values(), key=lambda r: r.get("time") or 0.0)
+
+    def _ring_slot(self, phase: int, now: float) -> int:
+        slot = self._ring_next
+        if slot < len(self._ring_meta):
+            self._ring_meta[slot] = (phase, now)
+        else:
+            self._ring_meta.append((phase, now))
+        self._ring_next = (slot + 1) % self.window_capacity
+        return slot
+
+    def _window_totals(self, window: int) -> dict[str, Any]:
+        """Counters of the last ``window`` passes (as many as the ring holds), on the CPU."""
+        if window < 1:
+            raise EnhancedError(f"window must be >= 1 passes, got {window}", culprit="window")
+        if not self.window_capacity:
+            raise EnhancedError("this tracker keeps no window of recent passes", culprit="window")
+        cap = self.window_capacity
+        n = min(window, len(self._ring_meta))
+        slots = [(self._ring_next - 1 - i) % cap for i in range(n)]
+        ring = self._counters.ring
+        shape = (2, self._counters.num_layers, self._counters.num_experts)
+        tokens = torch.zeros(shape, dtype=torch.int64)
+        activations = torch.zeros(shape, dtype=torch.int64)
+        last = torch.zeros(shape[1:], dtype=torch.float64)
+        nl, ne = ring.shape[1:]
+        for phase in (PREFILL, DECODE):
+            chosen = [s for s in slots if self._ring_meta[s][0] == phase]
+            if not chosen:
+                continue
+            sel = ring.index_select(0, torch.tensor(chosen, device=ring.device))
+            tokens[phase, :nl, :ne] = sel.sum(dim=0, dtype=torch.int64).cpu()
+            activations[phase, :nl, :ne] = (sel > 0).sum(dim=0).cpu()
+            times = torch.tensor([self._ring_meta[s][1] for s in chosen], dtype=torch.float64, device=ring.device)
+            seen = torch.where(sel > 0, times.view(-1, 1, 1), torch.zeros((), dtype=torch.float64,
+                                                                          device=ring.device)).amax(dim=0).cpu()
+            torch.maximum(last[:nl, :ne], seen, out=last[:nl, :ne])
+        passes = {p: sum(1 for s in slots if self._ring_meta[s][0] == i) for i, p in enumerate(PHASES)}
+        return {"tokens": tokens, "activations": activations, "last_activation_time": last, "num_passes": passes}
+
+    def _coactivation(self, layers: Sequence[int], tokens: torch.Tensor) -> dict[int, list[list[int]]]:
+        """Symmetric E x E pair counts (tokens per expert on the diagonal) of the asked layers it tracks."""
+        pairs = self._counters.coactivation
+        if pairs is None:
+            return {}
+        out = {}
+        for layer in layers:
+            if 0 <= layer < pairs.shape[0] and layer in self._layer_ids:
+                upper = pairs[layer].cpu()
+                full = upper + upper.T
+                full.diagonal().copy_(tokens[:, layer, : full.shape[0]].sum(dim=0))
+                out[int(layer)] = full.tolist()
+        return out
 
     def get_expert_stats(self, layer_id: int | None = None, expert_id: int | None = None) -> dict[str, Any]:
         """Statistics in the documented JSON structure; see :func:`stats.expert_activation_stats`."""
@@ -250,13 +381,18 @@ class ExpertActivationTracker:
             self._counters.reset()
             self._num_passes = [0, 0]
             self._requests.clear()
+            if self.request_use is not None:
+                self.request_use.clear()
             self._start_time = time.time()
 
     def export_stats(self, file_path: str) -> None:
-        """Write the statistics to ``file_path`` (.json, .csv or .png; other names get JSON)."""
+        """Write the statistics to ``file_path`` (.json, .csv, .png or .sglang.json; other names get JSON).
+
+        The JSON export includes every kept request's expert use.
+        """
         from sglang.srt.enhanced.moe_tracker.export import export_stats
 
-        export_stats(self.snapshot(), file_path)
+        export_stats(self.snapshot(request_ids=None), file_path)
 
     # ------------------------------------------------------------------ internals
     def _request_record(self, request_id: str, now: float) -> dict[str, Any]:
