@@ -14,7 +14,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mixed-precision YAML (without it every weight is read from --model)")
     group.add_argument("--enable-expert-tracking", action="store_true",
                        help="count expert activations per layer; served on /expert_stats")
+    group.add_argument("--expert-window-passes", type=int, default=1000, metavar="N",
+                       help="forward passes kept for /expert_stats?window= (0 = none; default 1000)")
+    group.add_argument("--expert-request-records", type=int, default=1000, metavar="K",
+                       help="finished requests whose expert use is kept (0 = per-request use off; default 1000)")
+    group.add_argument("--disable-expert-coactivation", action="store_true",
+                       help="do not count expert pairs chosen for the same token")
     group.add_argument("--plan", action="store_true",
                        help="print the load plan (tensors and bytes per precision) and exit")
     ServerArgs.add_cli_args(parser)
@@ -161,6 +166,7 @@ def _launch(args: argparse.Namespace, explicit: set[str]) -> int:
     from sglang.srt.enhanced.mixed_precision.plan import format_plan
     from sglang.srt.enhanced.mixed_precision.sglang_loader import MixedPrecisionModelLoader
 
+    _check_tracking_sizes(args)
     config_path = resolve_path(args.config) if args.config else None
     config, plan = check_setup(args, explicit, config_path)
     if args.plan:
@@ -171,11 +177,14 @@ def _launch(args: argparse.Namespace, explicit: set[str]) -> int:
 
     from sglang.srt.server_args import ServerArgs
 
-    state_dir = Path(tempfile.mkdtemp(prefix="sglang-enhanced-")) if args.enable_expert_tracking else None
+    state_dir = _expert_state_folder(args)
     LaunchSettings(
         config_path=config_path,
         expert_tracking=args.enable_expert_tracking,
         state_dir=state_dir,
+        expert_window_passes=args.expert_window_passes,
+        expert_request_records=args.expert_request_records,
+        expert_coactivation=not args.disable_expert_coactivation,
     ).to_env()
     server_args = ServerArgs.from_cli_args(args)
     server_args.load_format = MixedPrecisionModelLoader
@@ -196,6 +205,24 @@ def _launch(args: argparse.Namespace, explicit: set[str]) -> int:
         add_precision_plan_route(http_server.app, config, statistics)
     http_server.launch_server(server_args)
     return 0
+
+
+def _check_tracking_sizes(args: argparse.Namespace) -> None:
+    for name in ("expert_window_passes", "expert_request_records"):
+        if getattr(args, name) < 0:
+            raise EnhancedError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}",
+                                culprit=f"--{name.replace('_', '-')}")
+
+
+def _expert_state_folder(args: argparse.Namespace) -> Path | None:
+    """With tracking on, the statistics exchange's folder (removed when the server ends)."""
+    if not args.enable_expert_tracking:
+        return None
+    from sglang.srt.enhanced.moe_tracker.exchange import create_state_folder
+
+    state_dir = create_state_folder()
+    logger.info("expert statistics state folder: %s", state_dir)
+    return state_dir
 
 
 def check_tp_size(tp_size: int, model_path: Path, config: EnhancedConfig, plan: LoadPlan,

@@ -15,6 +15,9 @@ _CONFIG = "SGLANG_ENHANCED_CONFIG"
 _TRACKING = "SGLANG_ENHANCED_EXPERT_TRACKING"
 _STATE_DIR = "SGLANG_ENHANCED_STATE_DIR"
 _PROGRESS = "SGLANG_ENHANCED_PROGRESS"
+_WINDOW = "SGLANG_ENHANCED_EXPERT_WINDOW_PASSES"
+_REQUESTS = "SGLANG_ENHANCED_EXPERT_REQUEST_RECORDS"
+_COACTIVATION = "SGLANG_ENHANCED_EXPERT_COACTIVATION"
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,9 @@ class LaunchSettings:
     expert_tracking: bool = False
     state_dir: Path | None = None
     progress: bool = True
+    expert_window_passes: int = 1000
+    expert_request_records: int = 1000
+    expert_coactivation: bool = True
 
     @classmethod
     def from_env(cls) -> LaunchSettings:
@@ -35,6 +41,9 @@ class LaunchSettings:
             expert_tracking=os.environ.get(_TRACKING, "0") == "1",
             state_dir=Path(state) if state else None,
             progress=os.environ.get(_PROGRESS, "1") == "1",
+            expert_window_passes=int(os.environ.get(_WINDOW, "1000")),
+            expert_request_records=int(os.environ.get(_REQUESTS, "1000")),
+            expert_coactivation=os.environ.get(_COACTIVATION, "1") == "1",
         )
 
     def to_env(self) -> None:
@@ -43,6 +52,9 @@ class LaunchSettings:
         _set(_TRACKING, "1" if self.expert_tracking else "0")
         _set(_STATE_DIR, str(self.state_dir) if self.state_dir else None)
         _set(_PROGRESS, "1" if self.progress else "0")
+        _set(_WINDOW, str(self.expert_window_passes))
+        _set(_REQUESTS, str(self.expert_request_records))
+        _set(_COACTIVATION, "1" if self.expert_coactivation else "0")
 
 
 def _set(name: str, value: str | None) -> None:

@@ -10,16 +10,19 @@ feeds an :class:`ExpertActivationTracker`:
   ``FusedMoE`` module, from its place in the model (``...layers.<i>...``) — Mixtral
   and OLMoE never announce their layer to the recorder;
 * one pass = one ``with_forward_pass``; only TP rank 0 counts, so a token counts once;
+* per-request expert use: each pass gives the tracker every token's request slot
+  (``forward_batch.req_pool_indices``, repeated over each request's extend tokens);
+  :class:`RequestSlots` learns which request holds a slot when SGLang assigns it
+  (``ScheduleBatch.prepare_for_extend``) and closes the slot's record when SGLang frees
+  it (``ReqToTokenPool.free``: a request finished, or its next prompt chunk moves slot);
 * SGLang's expert-distribution requests reach every scheduler: ``dump_record``
-  writes this process's snapshot to the state folder (the HTTP server reads it),
+  answers the pending query of the statistics exchange (``exchange.py``),
   ``start_record`` resets the statistics.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import threading
 from contextlib import contextmanager, nullcontext
@@ -29,6 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from sglang.srt.enhanced.errors import EnhancedError
+from sglang.srt.enhanced.moe_tracker.exchange import StatsExchange
+from sglang.srt.enhanced.moe_tracker.snapshot import TrackerSnapshot
 from sglang.srt.enhanced.moe_tracker.tracker import ExpertActivationTracker, set_global_expert_tracker
 from sglang.srt.enhanced.settings import LaunchSettings
 from sglang.srt.managers.expert_distribution import (
@@ -40,7 +46,6 @@ from sglang.srt.managers.expert_distribution import (
 logger = logging.getLogger(__name__)
 
 _LAYER_IN_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-SNAPSHOT_PREFIX = "snapshot-"
 # Rows of the capture-safe staging buffer: above SGLang's largest CUDA-graph batch.
 GRAPH_SAFE_TOKENS = 1024
 
@@ -79,8 +84,9 @@ class TrackingRecorder(ExpertDistributionRecorder):
     ) -> None:
         self.inner = inner
         self.tracker = tracker
-        self.state_dir = state_dir
+        self.exchange = StatsExchange(state_dir) if state_dir is not None else None
         self.current_layer: int | None = None
+        self.slots: RequestSlots | None = None
         self._lock = threading.Lock()
         self._fold_stream: torch.cuda.Stream | None = None
 
@@ -105,7 +111,8 @@ class TrackingRecorder(ExpertDistributionRecorder):
             with self.inner.with_forward_pass(forward_pass_id, forward_batch):
                 yield
             return
-        tracker.begin_pass(num_tokens, is_decode=forward_batch.forward_mode.is_decode())
+        token_rows = self.slots.token_rows(forward_batch, num_tokens) if self.slots is not None else None
+        tracker.begin_pass(num_tokens, is_decode=forward_batch.forward_mode.is_decode(), token_rows=token_rows)
         try:
             with self.inner.with_forward_pass(forward_pass_id, forward_batch):
                 yield
@@ -142,9 +149,16 @@ class TrackingRecorder(ExpertDistributionRecorder):
             self.inner.stop_record()
 
     def dump_record(self, output_mode: str = "file"):  # noqa: ANN201 - SGLang's signature
-        """Write this process's snapshot to the state folder (and dump SGLang's own record)."""
-        if self.tracker is not None and self.state_dir is not None:
-            write_snapshot(self.state_dir, self.snapshot().to_dict())
+        """Answer the exchange's pending query (and dump SGLang's own record)."""
+        if self.tracker is not None and self.exchange is not None:
+            query_id, query = self.exchange.current_query()
+            try:
+                snap = self.snapshot(window=query.window, request_ids=query.request_ids,
+                                     coactivation_layers=query.coactivation_layers)
+            except EnhancedError as e:  # the server reports that no scheduler answered
+                logger.warning("expert statistics query not answered: %s", e)
+            else:
+                self.exchange.write_answer(query_id, snap)
         if _overrides("dump_record", self.inner):
             return self.inner.dump_record(output_mode)
         return None
@@ -153,13 +167,21 @@ class TrackingRecorder(ExpertDistributionRecorder):
     def recording(self) -> bool:
         return self.inner.recording
 
-    def snapshot(self):  # noqa: ANN201
-        """The tracker's counters, ordered after every fold issued so far."""
+    def snapshot(self, **query: Any) -> TrackerSnapshot:
+        """The tracker's counters, ordered after every fold issued so far (``query``: see ``tracker.snapshot``)."""
         assert self.tracker is not None
-        with self._lock:
-            stream = self._fold_stream
-            with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                return self.tracker.snapshot()
+        with self._lock, self._on_fold_stream():
+            return self.tracker.snapshot(**query)
+
+    def release_slot(self, slot: int, request_id: str, finished: bool) -> None:
+        """Close request slot ``slot`` (on the folds' stream, so after every fold issued so far)."""
+        assert self.tracker is not None
+        with self._lock, self._on_fold_stream():
+            self.tracker.release_request_slot(slot, request_id, finished)
+
+    def _on_fold_stream(self):  # noqa: ANN202
+        stream = self._fold_stream
+        return torch.cuda.stream(stream) if stream is not None else nullcontext()
 
     # -- layer discovery -------------------------------------------------------------------
     def attach(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
@@ -173,14 +195,71 @@ class TrackingRecorder(ExpertDistributionRecorder):
         return handles
 
 
-def write_snapshot(state_dir: Path, data: dict[str, Any]) -> Path:
-    """Atomically write one process's snapshot as JSON; returns its path."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / f"{SNAPSHOT_PREFIX}{os.getpid()}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-    return path
+class RequestSlots:
+    """Which request holds each of SGLang's request slots, and each pass's token -> slot map.
+
+    SGLang 0.4.7 has no hook for slot ownership: :meth:`install` wraps
+    ``ScheduleBatch.prepare_for_extend`` (where requests get their slots) and
+    ``ReqToTokenPool.free`` (where slots are given back) of this scheduler process. The
+    first pass sizes the tracker's per-slot counts from the pass's request pool.
+    """
+
+    _installed: RequestSlots | None = None
+
+    def __init__(self, recorder: TrackingRecorder, max_records: int) -> None:
+        self.recorder = recorder
+        self.max_records = max_records
+        self.owners: dict[int, Any] = {}  # slot -> Req
+
+    def install(self) -> None:
+        from sglang.srt.managers.schedule_batch import ScheduleBatch
+        from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+
+        first = RequestSlots._installed is None
+        RequestSlots._installed = self
+        if not first:
+            return
+        prepare, free = ScheduleBatch.prepare_for_extend, ReqToTokenPool.free
+
+        def prepare_for_extend(batch: Any) -> Any:
+            result = prepare(batch)
+            slots = RequestSlots._installed
+            for req in batch.reqs:
+                slots.owners[req.req_pool_idx] = req
+            return result
+
+        def free_slots(pool: Any, free_index: Any) -> Any:
+            RequestSlots._installed.released(free_index)
+            return free(pool, free_index)
+
+        ScheduleBatch.prepare_for_extend = prepare_for_extend
+        ReqToTokenPool.free = free_slots
+
+    def released(self, free_index: int | list[int]) -> None:
+        for slot in [free_index] if isinstance(free_index, int) else list(free_index):
+            req = self.owners.pop(int(slot), None)
+            if req is not None and self.recorder.tracker is not None:
+                self.recorder.release_slot(int(slot), str(req.rid), req.finished())
+
+    def token_rows(self, forward_batch: Any, num_tokens: int) -> torch.Tensor | None:
+        """Each token's request slot (int64, on the device), or None for passes without per-request use."""
+        tracker = self.recorder.tracker
+        pool = getattr(forward_batch, "req_to_token_pool", None)
+        indices = getattr(forward_batch, "req_pool_indices", None)
+        if tracker is None or pool is None or indices is None:
+            return None
+        if tracker.request_use is None:
+            tracker.enable_request_use(int(pool.size), self.max_records)
+        mode = forward_batch.forward_mode
+        if mode.is_decode():
+            return indices if indices.numel() == num_tokens else None
+        if mode.is_extend_or_draft_extend_or_mixed() and not mode.is_draft_extend():
+            lens = forward_batch.extend_seq_lens
+            if lens is None or forward_batch.extend_seq_lens_cpu is None \
+                    or sum(forward_batch.extend_seq_lens_cpu) != num_tokens:
+                return None
+            return torch.repeat_interleave(indices, lens, output_size=num_tokens)
+        return None
 
 
 def install_tracking_recorder(model: nn.Module, model_config: Any, settings: LaunchSettings) -> TrackingRecorder:
@@ -200,11 +279,16 @@ def install_tracking_recorder(model: nn.Module, model_config: Any, settings: Lau
             max_tokens=GRAPH_SAFE_TOKENS,
             device=device,
             layer_ids=sorted(layers),
+            window_passes=settings.expert_window_passes,
+            coactivation=settings.expert_coactivation,
         )
         set_global_expert_tracker(tracker)
         logger.info("Expert tracking on %d MoE layers x %d experts (top-%d)",
                     len(layers), tracker.num_experts, first.top_k)
     recorder = TrackingRecorder(get_global_expert_distribution_recorder(), tracker, settings.state_dir)
     recorder.attach(model)
+    if tracker is not None and settings.expert_request_records > 0:
+        recorder.slots = RequestSlots(recorder, settings.expert_request_records)
+        recorder.slots.install()
     set_global_expert_distribution_recorder(recorder)
     return recorder

@@ -2,8 +2,10 @@
 
 Only used with ``--enable-metrics``: SGLang then serves ``/metrics`` from its
 multiprocess registry. Before each scrape a fresh snapshot is taken and the
-counters are advanced to its lifetime (never reset) totals. ``prometheus_client``
-is imported only then, after SGLang has set ``PROMETHEUS_MULTIPROC_DIR``.
+counters are advanced to its lifetime (never reset) totals, and per-layer gauges
+``sglang_enhanced_expert_load_max_over_mean{layer}`` / ``..._coefficient_of_variation{layer}``
+are set from the last ``window`` forward passes (since the reset when there is no window).
+``prometheus_client`` is imported only then, after SGLang has set ``PROMETHEUS_MULTIPROC_DIR``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from sglang.srt.enhanced.errors import EnhancedError
+from sglang.srt.enhanced.moe_tracker.exchange import StatsQuery
 from sglang.srt.enhanced.moe_tracker.snapshot import PHASES, TrackerSnapshot
+from sglang.srt.enhanced.moe_tracker.stats import load_balance
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +28,15 @@ class ExpertMetrics:
     """``sglang_enhanced_expert_tokens_total`` / ``..._activations_total`` {layer, expert, phase}."""
 
     def __init__(self) -> None:
-        from prometheus_client import Counter
+        from prometheus_client import Counter, Gauge
 
+        # Only this process sets the gauges; "mostrecent" keeps one series per layer.
+        self.max_over_mean = Gauge("sglang_enhanced_expert_load_max_over_mean",
+                                   "Busiest expert's tokens over the layer's mean, last passes", ["layer"],
+                                   multiprocess_mode="mostrecent")
+        self.coefficient_of_variation = Gauge("sglang_enhanced_expert_load_coefficient_of_variation",
+                                              "Std/mean of the layer's tokens per expert, last passes", ["layer"],
+                                              multiprocess_mode="mostrecent")
         labels = ["layer", "expert", "phase"]
         self.tokens = Counter("sglang_enhanced_expert_tokens", "Tokens routed to each expert", labels)
         self.activations = Counter(
@@ -48,17 +59,24 @@ class ExpertMetrics:
                         if delta > 0:
                             counter.labels(layer=str(layer), expert=str(expert), phase=phase).inc(delta)
                             self._exported[key] = total
+        for layer in snap.layer_ids:
+            balance = load_balance(snap.tokens[:, layer].sum(dim=0).tolist())
+            for gauge, key in ((self.max_over_mean, "max_over_mean"),
+                               (self.coefficient_of_variation, "coefficient_of_variation")):
+                gauge.labels(layer=str(layer)).set(float("nan") if balance[key] is None else balance[key])
 
 
-def add_metrics_refresh(app: FastAPI, snapshot: Callable[[], Awaitable[TrackerSnapshot]]) -> None:
-    """Refresh the expert counters before ``/metrics`` answers."""
+def add_metrics_refresh(
+    app: FastAPI, snapshot: Callable[[StatsQuery], Awaitable[TrackerSnapshot]], window: int | None
+) -> None:
+    """Refresh the expert counters and balance gauges (last ``window`` passes) before ``/metrics`` answers."""
     state: dict[str, Any] = {}
 
     @app.middleware("http")
     async def refresh_expert_metrics(request: Request, call_next):  # noqa: ANN001, ANN202
         if request.url.path.startswith("/metrics"):
             try:
-                snap = await snapshot()
+                snap = await snapshot(StatsQuery(window=window))
                 metrics = state.get("metrics") or state.setdefault("metrics", ExpertMetrics())
                 metrics.update(snap)
             except EnhancedError as e:

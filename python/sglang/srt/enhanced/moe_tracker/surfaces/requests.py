@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from typing import Any
 
-from sglang.srt.enhanced.moe_tracker.tracker import ExpertActivationTracker
-
 logger = logging.getLogger(__name__)
+
+
+class RequestLog:
+    """The last ``max_requests`` finished requests' ids, prompt and completion tokens and finish time."""
+
+    def __init__(self, max_requests: int = 10_000) -> None:
+        self.max_requests = max_requests
+        self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def record_request(self, request_id: str, input_length: int, output_length: int) -> None:
+        self._records.pop(request_id, None)
+        self._records[request_id] = {"request_id": request_id, "input_length": input_length,
+                                     "output_length": output_length, "time": time.time(),
+                                     "expert_activations": 0, "tokens_routed": 0}
+        while len(self._records) > self.max_requests:
+            self._records.popitem(last=False)
+
+    def records(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._records.values()]
+
+    def clear(self) -> None:
+        self._records.clear()
 
 
 class RecordingDispatcher:
@@ -18,9 +40,9 @@ class RecordingDispatcher:
     that is read here.
     """
 
-    def __init__(self, inner: Any, tracker: ExpertActivationTracker) -> None:
+    def __init__(self, inner: Any, log: RequestLog) -> None:
         self.inner = inner
-        self.tracker = tracker
+        self.log = log
 
     def __call__(self, recv_obj: Any) -> Any:
         result = self.inner(recv_obj)
@@ -29,11 +51,11 @@ class RecordingDispatcher:
         if finished and completion is not None:
             for i, rid in enumerate(recv_obj.rids):
                 if finished[i] is not None:
-                    self.tracker.record_request(str(rid), int(recv_obj.prompt_tokens[i]), int(completion[i]))
+                    self.log.record_request(str(rid), int(recv_obj.prompt_tokens[i]), int(completion[i]))
         return result
 
 
-def record_finished_requests(tokenizer_manager: Any, tracker: ExpertActivationTracker) -> None:
+def record_finished_requests(tokenizer_manager: Any, log: RequestLog) -> None:
     """Put a :class:`RecordingDispatcher` in front of the tokenizer manager's result dispatcher.
 
     SGLang 0.4.7 has no hook for finished requests; its tokenizer manager hands every
@@ -41,5 +63,5 @@ def record_finished_requests(tokenizer_manager: Any, tracker: ExpertActivationTr
     """
     dispatcher = tokenizer_manager._result_dispatcher  # noqa: SLF001
     if not isinstance(dispatcher, RecordingDispatcher):
-        tokenizer_manager._result_dispatcher = RecordingDispatcher(dispatcher, tracker)  # noqa: SLF001
+        tokenizer_manager._result_dispatcher = RecordingDispatcher(dispatcher, log)  # noqa: SLF001
         logger.debug("recording finished requests for expert statistics")
