@@ -17,12 +17,13 @@ Part 2 (CUDA), the cost relative to MoE layers. A reference pass of L MoE layers
 Qwen3-30B-A3B sizes (hidden 2048, moe_intermediate 768): per layer a router GEMM, softmax,
 top-k, and the expert GEMMs (gate/up, SiLU-and-mul, down) as batched GEMMs over the number
 of distinct experts ``batch`` tokens are expected to hit. Timed per pass, eager and as one
-CUDA graph, with no tracking, with our tracker (record_routing per layer, begin/end_pass
-around the pass), with our tracker forced to copy each layer's ids at once (``per-layer
-copy``, how it staged ids before the copies were deferred) and with a per-layer
-mask-and-scatter histogram in the style of SGLang
-0.4.7's ``select_experts`` gatherer (plus its per-pass add and reset). Variants alternate;
-medians of ``--repeats``.
+CUDA graph, with no tracking, with our tracker counting totals only (``counts only``: no
+window, no co-activation, no per-request use), with everything the server turns on by
+default (``ours``: the 1000-pass window, co-activation pairs and per-request use, every token
+its own request slot as in a decode batch) and with a per-layer mask-and-scatter histogram
+in the style of SGLang 0.4.7's ``select_experts`` gatherer (plus its per-pass add and reset).
+Variants alternate; medians of ``--repeats``. ``release`` = wall time of closing one
+finished request's slot (two small device ops, once per request, not per pass).
 
     python benchmarks/bench_tracker_overhead.py [--device cuda] [--batches 1 8 64] [--no-moe]
 """
@@ -70,10 +71,14 @@ def gpu_time(fn: Callable[[], None], iters: int, device: torch.device) -> float:
     return start.elapsed_time(end) * 1e3 / iters
 
 
-def _tracker(args: argparse.Namespace, device: torch.device, fused: bool = True) -> ExpertActivationTracker:
+def _tracker(args: argparse.Namespace, device: torch.device, fused: bool = True,
+             extras: bool = True) -> ExpertActivationTracker:
     tracker = ExpertActivationTracker(
-        args.layers, args.experts, args.top_k, max_tokens=max(args.batches), device=device
+        args.layers, args.experts, args.top_k, max_tokens=max(args.batches), device=device,
+        window_passes=1000 if extras else 0, coactivation=extras,
     )
+    if extras:
+        tracker.enable_request_use(args.request_slots)
     if device.type == "cuda":
         tracker._counters.fold_impl = "triton" if fused else "torch"  # noqa: SLF001 - benchmark switch
     return tracker
@@ -230,27 +235,26 @@ class MoEReference:
 def bench_moe(args: argparse.Namespace, batch: int, weights, device: torch.device) -> dict[str, float]:
     ref = MoEReference(args, batch, weights, device)
     ours = _tracker(args, device)
-    per_layer = _tracker(args, device)
+    counts_only = _tracker(args, device, extras=False)
     sgl = MaskScatterGatherer(args.layers, args.experts, device)
-
-    def record_now(layer: int, topk_ids: torch.Tensor) -> None:
-        per_layer.record_routing(layer, topk_ids)
-        per_layer._counters.flush()  # noqa: SLF001 - one copy per layer, for comparison
+    token_rows = torch.arange(batch, dtype=torch.int64, device=device)
 
     hooks: dict[str, Callable[[int, torch.Tensor], None] | None] = {
-        "none": None, "ours": ours.record_routing, "per-layer copy": record_now, "mask-scatter": sgl.on_layer,
+        "none": None, "counts only": counts_only.record_routing, "ours": ours.record_routing,
+        "mask-scatter": sgl.on_layer,
     }
     graphs = {name: _capture(lambda hook=hook: ref.forward(hook), device) for name, hook in hooks.items()}
     ours.reset_stats()
-    per_layer.reset_stats()
+    counts_only.reset_stats()
 
     def pass_fn(name: str, graph: bool) -> Callable[[], None]:
         run = graphs[name].replay if graph else (lambda: ref.forward(hooks[name]))
-        if name in ("ours", "per-layer copy"):
-            tracker = ours if name == "ours" else per_layer
+        if name in ("ours", "counts only"):
+            tracker = ours if name == "ours" else counts_only
+            rows = token_rows if name == "ours" else None
 
             def fn() -> None:
-                tracker.begin_pass(batch, is_decode=True)
+                tracker.begin_pass(batch, is_decode=True, token_rows=rows)
                 run()
                 tracker.end_pass()
         elif name == "mask-scatter":
@@ -268,12 +272,16 @@ def bench_moe(args: argparse.Namespace, batch: int, weights, device: torch.devic
         for mode in ("eager", "graph"):
             for name in hooks:
                 samples.setdefault(f"{mode} {name}", []).append(timer(pass_fn(name, mode == "graph"), iters))
-    for tracker in (ours, per_layer):
+    for tracker in (ours, counts_only):
         snap = tracker.snapshot()
         if snap.tokens.sum().item() != snap.num_passes["decode"] * batch * args.top_k * args.layers:
             raise SystemExit(f"tracker counts in the MoE passes are wrong for batch {batch}")
+    slot_total = ours.request_use.slot_counts[:batch].sum().item()
+    if slot_total != ours.snapshot().lifetime_tokens.sum().item():
+        raise SystemExit(f"per-request counts in the MoE passes are wrong for batch {batch}")
     row = {key: statistics.median(v) for key, v in samples.items()}
     row["active experts"] = ref.active
+    row["release"] = timer(lambda: ours.release_request_slot(0, "r", finished=True), args.iters)
     return row
 
 
@@ -300,6 +308,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--moe-iters", type=int, default=40, help="MoE passes per sample at batch <= 8")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--request-slots", type=int, default=2048, help="request slots of the per-request counts")
     parser.add_argument("--no-moe", action="store_true", help="skip part 2")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -321,15 +330,16 @@ def main() -> None:
           f"(us per pass, median of {args.repeats})")
     weights = moe_weights(args, device)
     moe = {batch: bench_moe(args, batch, weights, device) for batch in args.batches}
-    variants = ("ours", "per-layer copy", "mask-scatter")
-    print("| tokens | active experts | mode | no tracking | " + " | ".join(variants) + " |")
-    print("|---" * (4 + len(variants)) + "|")
+    variants = ("counts only", "ours", "mask-scatter")
+    print("| tokens | active experts | mode | no tracking | " + " | ".join(variants) + " | release (us) |")
+    print("|---" * (5 + len(variants)) + "|")
     for batch, row in moe.items():
         for mode in ("eager", "graph"):
             base = row[f"{mode} none"]
             cells = [f"{row[f'{mode} {v}']:.1f} ({row[f'{mode} {v}'] - base:+.1f} us, "
                      f"{(row[f'{mode} {v}'] - base) / base * 100:+.2f}%)" for v in variants]
-            print(f"| {batch} | {row['active experts']} | {mode} | {base:.1f} | " + " | ".join(cells) + " |")
+            print(f"| {batch} | {row['active experts']} | {mode} | {base:.1f} | " + " | ".join(cells)
+                  + f" | {row['release']:.1f} |")
 
 
 if __name__ == "__main__":

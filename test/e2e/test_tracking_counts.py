@@ -12,6 +12,7 @@ import pytest
 import requests
 import torch
 
+from .hf_reference import RouterReference
 from .server import start_enhanced
 
 pytestmark = pytest.mark.e2e
@@ -28,41 +29,13 @@ PROMPTS = [
 
 def reference_counts(model_dir, prompts: list[list[int]]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Per MoE layer: tokens per expert and prompts in which each expert got a token."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    config = model.config
-    top_k = config.num_experts_per_tok
-    layers = model.model.layers
-    captured: dict[int, torch.Tensor] = {}
-    hooks = []
-    for i, layer in enumerate(layers):
-        block = getattr(layer, "block_sparse_moe", None) or getattr(layer, "mlp", None)
-        gate = getattr(block, "gate", None) if hasattr(block, "experts") else None
-        if gate is None:
-            continue
-
-        def hook(_m, _args, out, i=i):
-            if isinstance(out, tuple):  # DeepSeek-V3's router returns (topk_ids, topk_weights)
-                captured[i] = out[0].reshape(-1, top_k)
-            else:  # router logits: the model takes softmax then top-k
-                captured[i] = torch.topk(torch.softmax(out.float(), dim=-1), top_k, dim=-1).indices
-
-        hooks.append(gate.register_forward_hook(hook))
+    ref = RouterReference(model_dir)
     tokens: dict[int, torch.Tensor] = {}
     active: dict[int, torch.Tensor] = {}
-    num_experts = getattr(config, "num_experts", None) or getattr(config, "n_routed_experts", None) \
-        or config.num_local_experts
-    with torch.no_grad():
-        for ids in prompts:
-            captured.clear()
-            model(torch.tensor([ids]))
-            for i, topk in captured.items():
-                hist = torch.bincount(topk.reshape(-1), minlength=num_experts)
-                tokens[i] = tokens.get(i, torch.zeros(num_experts, dtype=torch.long)) + hist
-                active[i] = active.get(i, torch.zeros(num_experts, dtype=torch.long)) + (hist > 0).long()
-    for h in hooks:
-        h.remove()
+    for ids in prompts:
+        for i, hist in ref.tokens(ids).items():
+            tokens[i] = tokens.get(i, torch.zeros(ref.num_experts, dtype=torch.long)) + hist
+            active[i] = active.get(i, torch.zeros(ref.num_experts, dtype=torch.long)) + (hist > 0).long()
     return tokens, active
 
 
