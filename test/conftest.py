@@ -35,3 +35,34 @@ def demo_checkpoints() -> dict[str, Path]:
     from sglang.srt.enhanced.tools.demo import build_demo
 
     return build_demo(Path(__file__).resolve().parents[1] / "demo")
+
+
+@pytest.fixture
+def sglang_expert_location(monkeypatch: pytest.MonkeyPatch):
+    """``read(model_dir, path) -> (logical_count, metadata)``: SGLang's own ``--init-expert-location`` reader.
+
+    SGLang 0.4.7's ``compute_initial_expert_location_metadata`` reads the file and hands its
+    ``logical_count`` to EPLB; what it read is captured on the way. This process stands for EP rank 0.
+    """
+    import torch
+
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.managers import expert_location
+    from sglang.srt.server_args import ServerArgs
+
+    read: dict = {}
+    real = expert_location.ExpertLocationMetadata.init_by_eplb
+
+    def init_by_eplb(server_args, model_config, logical_count):  # noqa: ANN001, ANN202
+        read["logical_count"] = logical_count
+        return real(server_args, model_config, logical_count)
+
+    monkeypatch.setattr(expert_location.ExpertLocationMetadata, "init_by_eplb", staticmethod(init_by_eplb))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *_a, **_k: 0)
+
+    def read_file(model_dir: Path, path: Path):  # noqa: ANN202
+        args = ServerArgs(model_path=str(model_dir), device="cpu", init_expert_location=str(path))
+        metadata = expert_location.compute_initial_expert_location_metadata(args, ModelConfig.from_server_args(args))
+        return read["logical_count"], metadata
+
+    return read_file

@@ -138,7 +138,7 @@ def test_coactivation_matches_transformers(served, reference, concurrent_run):
     assert get(server, "/expert_stats/coactivation").status_code == 400
 
 
-def test_sglang_reads_the_expert_location_export(served, tmp_path, monkeypatch):
+def test_sglang_reads_the_expert_location_export(served, tmp_path, sglang_expert_location):
     model_dir, server = served
     body = get(server, "/expert_stats/export", format="sglang")
     assert body.headers["content-disposition"].endswith('expert_stats.sglang.json"')
@@ -146,24 +146,8 @@ def test_sglang_reads_the_expert_location_export(served, tmp_path, monkeypatch):
     path.write_bytes(body.content)
     stats = get(server, "/expert_stats").json()
 
-    from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.managers import expert_location
-    from sglang.srt.server_args import ServerArgs
-
-    args = ServerArgs(model_path=str(model_dir), device="cpu", init_expert_location=str(path))
-    model_config = ModelConfig.from_server_args(args)
-    read: dict = {}
-    real = expert_location.ExpertLocationMetadata.init_by_eplb
-
-    def init_by_eplb(server_args, config, logical_count):  # noqa: ANN001, ANN202
-        read["logical_count"] = logical_count
-        return real(server_args, config, logical_count)
-
-    monkeypatch.setattr(expert_location.ExpertLocationMetadata, "init_by_eplb", staticmethod(init_by_eplb))
-    monkeypatch.setattr(torch.distributed, "get_rank", lambda *_a, **_k: 0)  # this process is EP rank 0
-    metadata = expert_location.compute_initial_expert_location_metadata(args, model_config)
-    counts = read["logical_count"]
-    assert len(counts) == model_config.hf_config.num_hidden_layers
+    counts, metadata = sglang_expert_location(model_dir, path)
+    assert len(counts) == json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     for layer, row in enumerate(counts):
         layer_stats = stats["layer_stats"].get(str(layer))
         want = [0] * len(row) if layer_stats is None else \

@@ -17,11 +17,7 @@ from sglang.srt.enhanced.moe_tracker.export import format_for_path
 from sglang.srt.enhanced.moe_tracker.tracker import ExpertActivationTracker, set_global_expert_tracker
 
 
-def test_sglang_reads_our_expert_location_file(tiny_model_factory, tmp_path, monkeypatch) -> None:
-    from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.managers import expert_location
-    from sglang.srt.server_args import ServerArgs
-
+def test_sglang_reads_our_expert_location_file(tiny_model_factory, tmp_path, sglang_expert_location) -> None:
     model_dir = tiny_model_factory("qwen2_moe")
     config = json.loads((model_dir / "config.json").read_text())
     layers, experts, top_k = config["num_hidden_layers"], config["num_experts"], config["num_experts_per_tok"]
@@ -44,18 +40,8 @@ def test_sglang_reads_our_expert_location_file(tiny_model_factory, tmp_path, mon
     finally:
         set_global_expert_tracker(None)
 
-    read: dict = {}
-    real = expert_location.ExpertLocationMetadata.init_by_eplb
-
-    def init_by_eplb(server_args, model_config, logical_count):  # noqa: ANN001, ANN202
-        read["logical_count"] = logical_count
-        return real(server_args, model_config, logical_count)
-
-    monkeypatch.setattr(expert_location.ExpertLocationMetadata, "init_by_eplb", staticmethod(init_by_eplb))
-    monkeypatch.setattr(torch.distributed, "get_rank", lambda *_a, **_k: 0)  # this process is EP rank 0
-    args = ServerArgs(model_path=str(model_dir), device="cpu", init_expert_location=str(path))
-    metadata = expert_location.compute_initial_expert_location_metadata(args, ModelConfig.from_server_args(args))
-    assert read["logical_count"] == expected.tolist()
+    logical_count, metadata = sglang_expert_location(model_dir, path)
+    assert logical_count == expected.tolist()
     assert tuple(metadata.physical_to_logical_map.shape) == (layers, experts)
 
 
