@@ -206,3 +206,12 @@ def test_prometheus_counters_follow_lifetime_totals(server, client):
     assert sum(values) == summary["lifetime_tokens"]
     assert any(line.startswith('sglang_enhanced_expert_tokens_total{expert="') and 'phase="decode"' in line
                for line in metrics.splitlines())
+    # Balance gauges per layer: over the last --expert-window-passes (default 1000) passes.
+    balance = requests.get(server.base_url + "/expert_stats/load_balance", params={"window": 1000},
+                           headers=AUTH, timeout=120).json()["layers"]
+    for name, key in (("max_over_mean", "max_over_mean"), ("coefficient_of_variation", "coefficient_of_variation")):
+        gauges = {line.split('layer="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                  for line in metrics.splitlines() if line.startswith(f"sglang_enhanced_expert_load_{name}{{")}
+        assert set(gauges) == set(balance)
+        for layer, value in gauges.items():
+            assert value == pytest.approx(balance[layer][key]), (name, layer)
