@@ -274,13 +274,13 @@ def test_seed_reproducer_shapes_and_dimension_log(caplog):
     qweight = torch.randint(0, 16, (256, 768), dtype=torch.int32)
     qzeros = torch.randint(0, 16, (16, 96), dtype=torch.int32)
     scales = torch.randn(16, 768, dtype=torch.float16)
-    with caplog.at_level(logging.DEBUG, logger="sglang.srt.enhanced.mixed_precision.decoders.gptq"):
+    with caplog.at_level(logging.DEBUG, logger="sglang.srt.enhanced.mixed_precision.formats.gptq"):
         weight = GPTQDequantizer.dequantize_gptq_weight(qweight, qzeros, scales)
     assert weight.shape == (768, 2048) and weight.dtype == torch.float16
     assert "in_features = 256 rows * 32 / 4 bits = 2048" in caplog.text
     # A group size that disagrees with the tensors is replaced by the one the shapes imply.
     caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="sglang.srt.enhanced.mixed_precision.decoders.gptq"):
+    with caplog.at_level(logging.DEBUG, logger="sglang.srt.enhanced.mixed_precision.formats.gptq"):
         again = GPTQDequantizer.dequantize_gptq_weight(qweight, qzeros, scales, group_size=64)
     assert torch.equal(again, weight)
     assert "derived 2048 input rows / 16 groups -> 128" in caplog.text
@@ -491,3 +491,19 @@ def test_seed_detection_readme_example_runs_as_written(demo_checkpoints, monkeyp
     assert namespace["weight"].shape == expected.shape == (32, 64)
     bound = scales.repeat_interleave(32, dim=0).t() / 2 + 1e-2 * expected.double().abs()  # RTN, then bf16
     assert ((namespace["weight"].double() - expected.double()).abs() <= bound).all()
+
+
+def test_fp8_bad_scale_is_refused_from_shapes_alone() -> None:
+    """``decoded_nbytes`` (what the plan calls) runs the decode-time FP8 check on shapes."""
+    block = FP8Decoder((16, 16))
+    good = {"x.weight": (48, 32), "x.weight_scale_inv": (3, 2)}
+    assert block.decoded_nbytes("x.weight", good, torch.bfloat16) == 48 * 32 * 2
+    with pytest.raises(EnhancedError, match=r"block scales must be \[3, 2\]") as err:
+        block.decoded_nbytes("x.weight", {"x.weight": (48, 32), "x.weight_scale_inv": (2, 2)}, torch.bfloat16)
+    assert err.value.culprit == "x.weight"
+    with pytest.raises(EnhancedError, match="no weight_block_size"):
+        FP8Decoder().decoded_nbytes("x.weight", good, torch.bfloat16)
+    with pytest.raises(EnhancedError, match=r"weight_scale must be a scalar"):
+        FP8Decoder().decoded_nbytes("x.weight", {"x.weight": (48, 32), "x.weight_scale": (40,)}, torch.bfloat16)
+    assert FP8Decoder().decoded_nbytes("x.weight", {"x.weight": (48, 32), "x.weight_scale": (48, 1)},
+                                       torch.float32) == 48 * 32 * 4

@@ -99,5 +99,4 @@ def test_streaming_a_plan_keeps_file_pages_bounded(tmp_path: Path, monkeypatch: 
     # Without releases all 12 MiB would stay mapped; with them at most 3 MiB + one weight.
     assert 1024 <= peak <= 4 * 1024 + 8
     assert resident_kib(tmp_path / "model.safetensors") <= 64  # the header's pages may stay
-    for source in {id(s): s for s in sources.values()}.values():
-        source.close()
+    sources.close()

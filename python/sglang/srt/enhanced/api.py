@@ -50,16 +50,12 @@ class EnhancedModelLoader:
         the load statistics (tensors and bytes per precision, seconds, tracking).
         """
         config = EnhancedConfig.from_yaml(self.config_path, model_path=_model_folder(model))
-        sources = open_sources(config)
-        try:
+        with open_sources(config) as sources:
             dtype = _float_dtype(model) or config.inference.torch_dtype()
             check_source_formats(config, sources)
             plan = build_plan(config, sources, dtype=dtype)
             check_plan(plan, sources)
             stats = load_plan_into_module(model, plan, sources, dtype=dtype)
-        finally:
-            for source in {id(s): s for s in sources.values()}.values():
-                source.close()
         logger.info("Mixed-precision load: %s", stats.summary_line())
         result: dict[str, Any] = stats.as_dict()
         result["expert_tracking"] = False

@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _launch(args: argparse.Namespace, explicit: set[str]) -> int:
     from sglang.srt.enhanced.mixed_precision.plan import format_plan
-    from sglang.srt.enhanced.mixed_precision.sglang_loader import MixedPrecisionModelLoader
+    from sglang.srt.enhanced.wiring import EnhancedServerLoader
 
     _check_tracking_sizes(args)
     config_path = resolve_path(args.config) if args.config else None
@@ -187,7 +187,7 @@ def _launch(args: argparse.Namespace, explicit: set[str]) -> int:
         expert_coactivation=not args.disable_expert_coactivation,
     ).to_env()
     server_args = ServerArgs.from_cli_args(args)
-    server_args.load_format = MixedPrecisionModelLoader
+    server_args.load_format = EnhancedServerLoader
     logger.info("serving %s on %s (%d weights planned)", args.model_path, args.device, len(plan))
 
     from sglang.srt.entrypoints import http_server
@@ -299,8 +299,7 @@ def check_setup(
     try:
         check_tp_size(args.tensor_parallel_size, Path(args.model_path), config, plan, sources)
     finally:
-        for source in {id(s): s for s in sources.values()}.values():
-            source.close()
+        sources.close()
     return config, plan
 
 

@@ -21,7 +21,7 @@ from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.enhanced.config import EnhancedConfig
 from sglang.srt.enhanced.mixed_precision.checks import check_plan, check_source_formats, model_tensor_shapes
 from sglang.srt.enhanced.mixed_precision.plan import LoadPlan, build_plan
-from sglang.srt.enhanced.mixed_precision.sources import CheckpointSource, open_sources
+from sglang.srt.enhanced.mixed_precision.sources import CheckpointSource, SourceSet, open_sources
 from sglang.srt.enhanced.mixed_precision.weights import LoadStats, iter_plan_weights
 from sglang.srt.enhanced.settings import LaunchSettings
 from sglang.srt.model_loader.loader import BaseModelLoader, DefaultModelLoader, _initialize_model
@@ -37,11 +37,9 @@ def load_enhanced_config(config_path: Path | None, model_path: str | Path) -> En
     return EnhancedConfig.from_yaml(config_path, model_path=model_path)
 
 
-def prepare_plan(
-    config: EnhancedConfig, dtype: torch.dtype
-) -> tuple[LoadPlan, dict]:
+def prepare_plan(config: EnhancedConfig, dtype: torch.dtype) -> tuple[LoadPlan, SourceSet]:
     """Open the sources and build the plan; every check happens here, before any weight is read."""
-    sources: dict = open_sources(config)
+    sources = open_sources(config)
     try:
         check_source_formats(config, sources)
         plan = build_plan(config, sources, dtype=dtype)
@@ -49,14 +47,9 @@ def prepare_plan(
         has_definition = model is not None and (model / "config.json").is_file()
         check_plan(plan, sources, model_tensor_shapes(model) if has_definition else None)
     except Exception:
-        _close(sources)
+        sources.close()
         raise
     return plan, sources
-
-
-def _close(sources: dict) -> None:
-    for source in {id(s): s for s in sources.values()}.values():
-        source.close()
 
 
 class MixedPrecisionModelLoader(BaseModelLoader):
@@ -87,13 +80,9 @@ class MixedPrecisionModelLoader(BaseModelLoader):
             )
             DefaultModelLoader.load_weights_and_postprocess(model, weights, target_device)
         finally:
-            _close(sources)
+            sources.close()
         if _is_first_rank():
             logger.info("Mixed-precision load: %s", stats.summary_line())
-        if self.settings.expert_tracking:
-            from sglang.srt.enhanced.moe_tracker.sglang_adapter import install_tracking_recorder
-
-            install_tracking_recorder(model, model_config, self.settings)
         return model.eval()
 
 

@@ -24,6 +24,7 @@ import math
 import os
 import struct
 import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INDEX_FILE", "CheckpointSource", "StoredTensor", "open_sources", "read_header"]
+__all__ = ["INDEX_FILE", "CheckpointSource", "SourceSet", "StoredTensor", "open_sources", "read_header"]
 
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 1024 * 1024
@@ -399,7 +400,43 @@ def _madvise(address: int, length: int) -> bool:
     return _LIBC.madvise(address, length, _MADV_DONTNEED) == 0
 
 
-def open_sources(config: EnhancedConfig) -> dict[Precision, CheckpointSource]:
+class SourceSet(Mapping["Precision", CheckpointSource]):
+    """The opened checkpoint of every precision; precisions sharing a folder share one source.
+
+    A read-only mapping ``Precision -> CheckpointSource`` that closes every distinct
+    source once (``close()`` or ``with``).
+    """
+
+    def __init__(self, sources: Mapping[Precision, CheckpointSource]) -> None:
+        self._sources = dict(sources)
+
+    def __getitem__(self, precision: Precision) -> CheckpointSource:
+        return self._sources[precision]
+
+    def __iter__(self) -> Iterator[Precision]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    @property
+    def distinct(self) -> tuple[CheckpointSource, ...]:
+        """Each opened folder once, in first-use order."""
+        return tuple({id(s): s for s in self._sources.values()}.values())
+
+    def close(self) -> None:
+        """Drop the read handles of every source."""
+        for source in self.distinct:
+            source.close()
+
+    def __enter__(self) -> SourceSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_sources(config: EnhancedConfig) -> SourceSet:
     """Open the folder of every precision the config uses; precisions sharing a folder share a source.
 
     A missing or empty folder raises ``EnhancedError`` naming the config key and the folder.
@@ -419,4 +456,4 @@ def open_sources(config: EnhancedConfig) -> dict[Precision, CheckpointSource]:
             except EnhancedError as e:
                 raise EnhancedError(f"{where} ({precision}): {e.msg}", culprit=e.culprit) from e
         sources[precision] = by_folder[key]
-    return sources
+    return SourceSet(sources)

@@ -26,7 +26,6 @@ import math
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sglang.srt.enhanced.errors import EnhancedError
-from sglang.srt.enhanced.mixed_precision.packing import block_shape, check_bits, pack_int32
+from sglang.srt.enhanced.mixed_precision.formats.gptq import GPTQFormat
+from sglang.srt.enhanced.mixed_precision.packing import block_shape, pack_int32
 
 logger = logging.getLogger(__name__)
 
@@ -71,26 +71,6 @@ def is_quantizable(name: str, tensor: torch.Tensor) -> bool:
 # GPTQ (round-to-nearest)
 
 
-@dataclass(frozen=True)
-class GPTQOptions:
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    desc_act: bool = False
-    checkpoint_format: str = "gptq"
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "desc_act": self.desc_act,
-            "sym": self.sym,
-            "lm_head": False,
-            "checkpoint_format": self.checkpoint_format,
-            "quant_method": "gptq",
-        }
-
-
 def act_order_g_idx(weight: torch.Tensor, group_size: int, desc_act: bool) -> torch.Tensor:
     """Group of every input column; with ``desc_act`` columns are ranked by decreasing L2 norm.
 
@@ -107,7 +87,7 @@ def act_order_g_idx(weight: torch.Tensor, group_size: int, desc_act: bool) -> to
     return (rank // gs).to(torch.int32)
 
 
-def gptq_quantize_tensor(weight: torch.Tensor, opts: GPTQOptions) -> dict[str, torch.Tensor]:
+def gptq_quantize_tensor(weight: torch.Tensor, opts: GPTQFormat) -> dict[str, torch.Tensor]:
     """Round-to-nearest GPTQ quantization of one ``[out, in]`` weight.
 
     Returns ``{"qweight", "qzeros", "scales", "g_idx"}``. Per group and output row the
@@ -115,7 +95,6 @@ def gptq_quantize_tensor(weight: torch.Tensor, opts: GPTQOptions) -> dict[str, t
     at zero ``2**(bits-1)``. Scales are float16 and the integer codes are rounded with the
     stored scale, so every decoded element is within ``scale / 2`` of the input.
     """
-    check_bits(opts.bits)
     w = weight.to(torch.float32)
     out_f, in_f = w.shape
     maxq = (1 << opts.bits) - 1
@@ -355,18 +334,11 @@ def quantize_checkpoint(src: Path, dst: Path, fmt: str, **options: Any) -> Path:
 
     gptq = None
     if fmt == "gptq":
-        gptq = GPTQOptions(
-            bits=int(options.get("bits", 4)),
-            group_size=int(options.get("group_size", 128)),
-            sym=bool(options.get("sym", True)),
-            desc_act=bool(options.get("desc_act", False)),
-            checkpoint_format=str(options.get("checkpoint_format", "gptq")),
+        gptq = GPTQFormat.from_dict(
+            {k: options[k] for k in ("bits", "group_size", "sym", "desc_act", "checkpoint_format") if k in options}
+            | {"bits": options.get("bits", 4), "group_size": options.get("group_size", 128)},
+            "options",
         )
-        check_bits(gptq.bits)
-        if gptq.checkpoint_format not in ("gptq", "gptq_v2"):
-            raise EnhancedError("checkpoint_format must be gptq or gptq_v2", culprit="checkpoint_format")
-        if gptq.group_size == 0 or gptq.group_size < -1:
-            raise EnhancedError("group_size must be positive or -1", culprit="group_size")
     block = tuple(int(v) for v in options.get("block_size", (128, 128)))
     if len(block) != 2 or min(block) <= 0:
         raise EnhancedError(f"block size must be two positive integers, got {block}", culprit="block_size")
@@ -403,7 +375,7 @@ def quantize_checkpoint(src: Path, dst: Path, fmt: str, **options: Any) -> Path:
     writer.close()
 
     if gptq is not None:
-        qc = gptq.config()
+        qc = gptq.quantize_config()
         _write_json(dst / "quantize_config.json", qc)
     elif fmt == "fp8-block":
         qc = {
