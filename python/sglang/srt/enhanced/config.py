@@ -5,6 +5,7 @@ The file has three sections::
     mixed_precision:
       fp16_path: /models/qwen-moe          # also bf16_path, fp32_path, fp8_path, int4_path
       default: int4                        # optional: precision of weights no rule maps
+      serve: packed                        # packed (default) or decoded, see below
       weight_mapping:
         "model.layers.0.self_attn.q_proj.weight": fp16          # exact name
         "model.layers.*.mlp.experts.*": int4                     # glob
@@ -12,8 +13,11 @@ The file has three sections::
     inference: {max_seq_length: 4096, max_batch_size: 32, dtype: bfloat16, device_map: auto}
     server: {host: 127.0.0.1, port: 8080, max_workers: 4}
 
-A precision names the checkpoint a weight is read from, not the serving dtype: every
-weight is decoded to ``inference.dtype``. ``fp16``, ``bf16`` and ``fp32`` are
+A precision names the checkpoint a weight is read from, not the serving dtype.
+With ``serve: packed`` (the default) the server keeps GPTQ and FP8 weights of its
+Linear and MoE modules in their checkpoint form and multiplies them by kernels that
+decode on the fly; every other weight (and everything with ``serve: decoded``) is
+decoded to ``inference.dtype``. ``fp16``, ``bf16`` and ``fp32`` are
 unquantized checkpoints, ``fp8`` an FP8 checkpoint (per-tensor, per-channel or
 block scales), ``int4`` a GPTQ checkpoint. GPTQ checkpoints of 2, 3 or 8 bits are
 also read through ``int4_path``: the bit width comes from the checkpoint's own
@@ -39,7 +43,7 @@ import re
 import reprlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -179,6 +183,7 @@ class MixedPrecisionConfig(_Frozen):
     int4_path: Path | None = None
     default: Precision | None = None
     weight_mapping: dict[str, Precision] = Field(default_factory=dict)
+    serve: Literal["packed", "decoded"] = "packed"
 
     @field_validator("fp16_path", "bf16_path", "fp32_path", "fp8_path", "int4_path", mode="before")
     @classmethod
@@ -201,6 +206,11 @@ class MixedPrecisionConfig(_Frozen):
     @classmethod
     def _lower_default(cls, value: Any) -> Any:
         return _parse_precision(value)
+
+    @field_validator("serve", mode="before")
+    @classmethod
+    def _lower_serve(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("weight_mapping", mode="before")
     @classmethod

@@ -164,20 +164,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _launch(args: argparse.Namespace, explicit: set[str]) -> int:
     from sglang.srt.enhanced.mixed_precision.plan import format_plan
+    from sglang.srt.enhanced.mixed_precision.serving.layout import build_layout, format_layout
+    from sglang.srt.enhanced.mixed_precision.sources import open_sources
     from sglang.srt.enhanced.wiring import EnhancedServerLoader
 
     _check_tracking_sizes(args)
     config_path = resolve_path(args.config) if args.config else None
     config, plan = check_setup(args, explicit, config_path)
+    with open_sources(config) as sources:
+        layout = build_layout(plan, sources, config.mixed_precision.serve)
     if args.plan:
         print(format_plan(plan))
         if args.tensor_parallel_size > 1:
             print(f"--tp-size {args.tensor_parallel_size}: every sharded dimension divides")
+        print()
+        print(format_layout(layout, plan))
         return 0
 
     from sglang.srt.server_args import ServerArgs
 
-    state_dir = _expert_state_folder(args)
+    state_dir = _state_folder()
     LaunchSettings(
         config_path=config_path,
         expert_tracking=args.enable_expert_tracking,
@@ -190,8 +196,10 @@ def _launch(args: argparse.Namespace, explicit: set[str]) -> int:
     server_args.load_format = EnhancedServerLoader
     logger.info("serving %s on %s (%d weights planned)", args.model_path, args.device, len(plan))
 
+    from sglang.srt.enhanced.mixed_precision.http import add_mixed_precision_route
     from sglang.srt.entrypoints import http_server
 
+    add_mixed_precision_route(http_server.app, state_dir)
     if args.enable_expert_tracking:
         from sglang.srt.enhanced.mixed_precision.plan_route import add_precision_plan_route
         from sglang.srt.enhanced.moe_tracker.stats import expert_activation_stats
@@ -214,14 +222,13 @@ def _check_tracking_sizes(args: argparse.Namespace) -> None:
                                 culprit=f"--{name.replace('_', '-')}")
 
 
-def _expert_state_folder(args: argparse.Namespace) -> Path | None:
-    """With tracking on, the statistics exchange's folder (removed when the server ends)."""
-    if not args.enable_expert_tracking:
-        return None
+def _state_folder() -> Path:
+    """The server's state folder (removed when the server ends): each rank's memory report, and
+    with tracking on the statistics exchange."""
     from sglang.srt.enhanced.moe_tracker.exchange import create_state_folder
 
     state_dir = create_state_folder()
-    logger.info("expert statistics state folder: %s", state_dir)
+    logger.info("state folder: %s", state_dir)
     return state_dir
 
 

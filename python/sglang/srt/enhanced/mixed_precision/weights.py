@@ -50,7 +50,14 @@ class LoadStats:
     seconds: float = 0.0
 
     def add(self, precision: Precision, bytes_on_disk: int, bytes_loaded: int) -> None:
+        """One weight read and yielded decoded."""
+        self.count(precision)
+        self.add_part(precision, bytes_on_disk, bytes_loaded)
+
+    def count(self, precision: Precision) -> None:
         self.tensors[precision] = self.tensors.get(precision, 0) + 1
+
+    def add_part(self, precision: Precision, bytes_on_disk: int, bytes_loaded: int) -> None:
         self.bytes_on_disk[precision] = self.bytes_on_disk.get(precision, 0) + bytes_on_disk
         self.bytes_loaded[precision] = self.bytes_loaded.get(precision, 0) + bytes_loaded
 
@@ -58,17 +65,24 @@ class LoadStats:
     def total_tensors(self) -> int:
         return sum(self.tensors.values())
 
-    def summary_line(self) -> str:
-        """One line for the log: totals, then tensors and bytes per precision."""
+    def summary_line(self, in_memory: Mapping[str, int] | None = None) -> str:
+        """One line for the log: totals, then tensors and bytes per precision.
+
+        ``in_memory`` (bytes per precision name, as served) replaces the bytes the
+        stream yielded, which for packed weights are not yet cut to this rank's piece.
+        """
+        held = {p: (in_memory.get(str(p), 0) if in_memory is not None else self.bytes_loaded.get(p, 0))
+                for p in Precision}
+        label = "in memory" if in_memory is not None else "loaded"
         parts = [
-            f"{p}: {self.tensors[p]} tensors, {format_bytes(self.bytes_on_disk.get(p, 0))} read, "
-            f"{format_bytes(self.bytes_loaded.get(p, 0))} loaded"
+            f"{p}: {self.tensors[p]} tensors, {format_bytes(self.bytes_on_disk.get(p, 0))} on disk, "
+            f"{format_bytes(held[p])} {label}"
             for p in Precision
             if p in self.tensors
         ]
         return (
-            f"loaded {self.total_tensors} weights ({format_bytes(sum(self.bytes_on_disk.values()))} read, "
-            f"{format_bytes(sum(self.bytes_loaded.values()))} loaded) in {self.seconds:.2f} s"
+            f"loaded {self.total_tensors} weights ({format_bytes(sum(self.bytes_on_disk.values()))} on disk, "
+            f"{format_bytes(sum(held.values()))} {label}) in {self.seconds:.2f} s"
             + (f" [{'; '.join(parts)}]" if parts else "")
         )
 
@@ -91,8 +105,12 @@ def iter_plan_weights(
     stats: LoadStats | None = None,
     progress: bool = True,
     batch_experts: bool | None = None,
+    packed: Mapping[str, tuple[str, ...]] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(logical name, tensor in dtype on device)`` for every plan entry.
+
+    Entries named in ``packed`` are not decoded: the stored parts listed for them are
+    yielded as stored, ``(stored name, tensor)``, for packed serving methods to keep.
 
     ``batch_experts`` turns batched expert decoding on or off; by default it is on
     for non-CPU devices (on the CPU it would raise peak host memory).
@@ -102,6 +120,7 @@ def iter_plan_weights(
     """
     device = torch.device(device)
     batched = device.type != "cpu" if batch_experts is None else batch_experts
+    packed = packed or {}
     stats = stats if stats is not None else LoadStats()
     start = time.perf_counter()
     bar = tqdm(total=len(plan), disable=not progress, unit="weight", desc="Loading weights", leave=False)
@@ -109,7 +128,18 @@ def iter_plan_weights(
         for source, entries in _schedule(plan, sources):
             decoder = source.decoder
             decode_many = getattr(decoder, "decode_many", None) if batched else None
-            for unit in _units(entries, source, decode_many is not None):
+            for unit in _units(entries, source, decode_many is not None, packed):
+                if unit[0].name in packed:
+                    entry = unit[0]
+                    for part in packed[entry.name]:
+                        tensor = source.read(part, device)
+                        stats.add_part(entry.precision, source.nbytes(part), tensor.numel() * tensor.element_size())
+                        yield part, tensor
+                        del tensor
+                    stats.count(entry.precision)
+                    bar.update(1)
+                    source.release_pages(RELEASE_BYTES)
+                    continue
                 parts_list = [{p: source.read(p, device) for p in e.stored_parts} for e in unit]
                 if len(unit) == 1:
                     outs = [decoder.decode(unit[0].name, parts_list[0], dtype)]
@@ -170,14 +200,16 @@ def _schedule(
     return out
 
 
-def _units(entries: list[PlanEntry], source: CheckpointSource, batch: bool) -> list[list[PlanEntry]]:
+def _units(
+    entries: list[PlanEntry], source: CheckpointSource, batch: bool, packed: Mapping[str, tuple[str, ...]]
+) -> list[list[PlanEntry]]:
     """Single weights, or (when ``batch``) same-shape experts of one projection grouped at the first one's place."""
     if not batch:
         return [[e] for e in entries]
     units: list[list[PlanEntry]] = []
     open_groups: dict[tuple[object, ...], list[PlanEntry]] = {}
     for e in entries:
-        m = _EXPERT.match(e.name)
+        m = _EXPERT.match(e.name) if e.name not in packed else None
         if m is None:
             units.append([e])
             continue

@@ -21,16 +21,13 @@ from sglang.srt.enhanced.mixed_precision.decoders.plain import (
     stored_part,
 )
 from sglang.srt.enhanced.mixed_precision.decoders.registry import register_decoder
+from sglang.srt.enhanced.mixed_precision.dequant import dequant_fp8_block, dequant_fp8_scaled
 from sglang.srt.enhanced.mixed_precision.formats.fp8 import (
     FP8_DTYPES,
     SCALE_SUFFIXES,
     FP8Format,
     FP8Scale,
     check_fp8_tensors,
-)
-from sglang.srt.enhanced.mixed_precision.kernels.reference import (
-    fp8_block_dequant_ref,
-    fp8_scaled_dequant_ref,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,8 +94,8 @@ class FP8Decoder:
             return cast_stored(logical_name, weight, dtype)
         kind = check_fp8_tensors(logical_name, weight, scale, scale_is_inverse=inverse, fmt=self.format)
         if kind == FP8Scale.BLOCK:
-            return _block_dequant(weight, scale, self.format.weight_block_size, dtype)
-        return _scaled_dequant(weight, scale, dtype)
+            return dequant_fp8_block(weight, scale, self.format.weight_block_size, dtype)  # type: ignore[arg-type]
+        return dequant_fp8_scaled(weight, scale, dtype)
 
     def decoded_nbytes(
         self, logical_name: str, part_shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype
@@ -115,19 +112,3 @@ class FP8Decoder:
                 fmt=self.format,
             )
         return stored_nbytes(logical_name, part_shapes, dtype)
-
-
-def _block_dequant(weight, scale_inv, block, dtype) -> torch.Tensor:  # noqa: ANN001
-    if weight.is_cuda:
-        from sglang.srt.enhanced.mixed_precision.kernels.fp8_dequant import fp8_block_dequant
-
-        return fp8_block_dequant(weight, scale_inv, tuple(block), dtype)
-    return fp8_block_dequant_ref(weight, scale_inv, tuple(block), dtype)
-
-
-def _scaled_dequant(weight, scale, dtype) -> torch.Tensor:  # noqa: ANN001
-    if weight.is_cuda:
-        from sglang.srt.enhanced.mixed_precision.kernels.fp8_dequant import fp8_scaled_dequant
-
-        return fp8_scaled_dequant(weight, scale, dtype)
-    return fp8_scaled_dequant_ref(weight, scale, dtype)

@@ -20,15 +20,16 @@ from sglang.srt.enhanced.mixed_precision.decoders.plain import (
     stored_part,
 )
 from sglang.srt.enhanced.mixed_precision.decoders.registry import register_decoder
+from sglang.srt.enhanced.mixed_precision.dequant import dequant_gptq
 from sglang.srt.enhanced.mixed_precision.formats.gptq import (
     CHECKPOINT_FORMATS,
     PART_SUFFIXES,
     GPTQFormat,
     check_gptq_shapes,
+    is_trivial_g_idx,
     meta_parts,
+    stored_zeros_look_v2,
 )
-from sglang.srt.enhanced.mixed_precision.kernels.reference import gptq_dequant_ref
-from sglang.srt.enhanced.mixed_precision.packing import block_shape, pack_int32
 
 logger = logging.getLogger(__name__)
 
@@ -38,65 +39,6 @@ GPTQSettings = GPTQFormat
 
 def _shapes(parts: Mapping[str, torch.Tensor]) -> str:
     return ", ".join(f"{k}: {tuple(v.shape)} {v.dtype}" for k, v in parts.items())
-
-
-def is_trivial_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
-    """True when ``g_idx[i] == i // group_size`` for every row (no act-order reordering)."""
-    n = g_idx.shape[-1]
-    expected = torch.arange(n, device=g_idx.device) // (group_size if group_size > 0 else max(n, 1))
-    return bool((g_idx.to(torch.long) == expected).all())
-
-
-def stored_zeros_look_v2(qzeros: torch.Tensor, bits: int) -> bool:
-    """True when every stored zero equals ``2**(bits-1)`` (the symmetric zero of ``gptq_v2``)."""
-    cols = qzeros.shape[-1]
-    words = block_shape(bits)[1]
-    if cols % words:
-        return False
-    per_block = torch.full((1, block_shape(bits)[0]), 1 << (bits - 1), dtype=torch.int32)
-    pattern = pack_int32(per_block, bits, dim=1).to(qzeros.device)  # one block of words
-    return bool((qzeros.reshape(-1, words) == pattern).all())
-
-
-def _dequant(
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor | None,
-    *,
-    bits: int,
-    group_size: int,
-    zero_offset: int,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """Triton on CUDA tensors, the vectorised torch reference elsewhere; 2-D or stacked 3-D."""
-    if qweight.is_cuda:
-        from sglang.srt.enhanced.mixed_precision.kernels.gptq_dequant import (
-            gptq_dequant,
-            gptq_dequant_batched,
-        )
-
-        fn = gptq_dequant_batched if qweight.dim() == 3 else gptq_dequant
-        return fn(
-            qweight,
-            qzeros,
-            scales,
-            g_idx,
-            bits=bits,
-            group_size=group_size,
-            zero_offset=zero_offset,
-            out_dtype=out_dtype,
-        )
-    return gptq_dequant_ref(
-        qweight,
-        qzeros,
-        scales,
-        g_idx,
-        bits=bits,
-        group_size=group_size,
-        zero_offset=zero_offset,
-        out_dtype=out_dtype,
-    )
 
 
 @register_decoder("gptq")
@@ -184,7 +126,7 @@ class GPTQDecoder:
         if not self._is_quantized(logical_name, parts):
             return cast_stored(logical_name, stored_part(logical_name, parts), dtype)
         qweight, qzeros, scales, g_idx, shapes = self._prepare(logical_name, parts)
-        return _dequant(
+        return dequant_gptq(
             qweight,
             qzeros,
             scales,
@@ -230,7 +172,7 @@ class GPTQDecoder:
         for key, idxs in buckets.items():
             if len(idxs) == 1:
                 qweight, qzeros, scales, g_idx, shapes, zero_offset = prepared[idxs[0]]
-                results[idxs[0]] = _dequant(
+                results[idxs[0]] = dequant_gptq(
                     qweight,
                     qzeros,
                     scales,
@@ -244,7 +186,7 @@ class GPTQDecoder:
             stack = [torch.stack([prepared[i][k] for i in idxs]) for k in range(3)]
             g = torch.stack([prepared[i][3] for i in idxs]) if key[4] else None
             shapes, zero_offset = prepared[idxs[0]][4], prepared[idxs[0]][5]
-            out = _dequant(
+            out = dequant_gptq(
                 *stack,
                 g,
                 bits=self.settings.bits,
@@ -306,7 +248,7 @@ class GPTQDequantizer:
         if zero_offset is None:
             zero_offset = 1 if checkpoint_format == "gptq" else 0
         shapes = check_gptq_shapes("<tensor>", qweight, qzeros, scales, g_idx, bits, group_size, strict=False)
-        return _dequant(
+        return dequant_gptq(
             qweight,
             qzeros,
             scales,

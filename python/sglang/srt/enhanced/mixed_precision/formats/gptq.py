@@ -28,11 +28,12 @@ import torch
 
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.decoders.registry import read_json
-from sglang.srt.enhanced.mixed_precision.packing import SUPPORTED_BITS, block_shape
+from sglang.srt.enhanced.mixed_precision.packing import SUPPORTED_BITS, block_shape, pack_int32
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_FORMATS", "PART_SUFFIXES", "GPTQFormat", "GPTQShapes", "check_gptq_shapes", "meta_parts"]
+__all__ = ["CHECKPOINT_FORMATS", "PART_SUFFIXES", "GPTQFormat", "GPTQShapes", "check_gptq_shapes", "is_trivial_g_idx", "meta_parts",
+           "stored_zeros_look_v2"]
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 PART_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -282,3 +283,21 @@ def check_gptq_shapes(
         effective,
     )
     return GPTQShapes(in_features, out_features, groups, effective)
+
+
+def is_trivial_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
+    """True when ``g_idx[i] == i // group_size`` for every row (no act-order reordering)."""
+    n = g_idx.shape[-1]
+    expected = torch.arange(n, device=g_idx.device) // (group_size if group_size > 0 else max(n, 1))
+    return bool((g_idx.to(torch.long) == expected).all())
+
+
+def stored_zeros_look_v2(qzeros: torch.Tensor, bits: int) -> bool:
+    """True when every stored zero equals ``2**(bits-1)`` (the symmetric zero of ``gptq_v2``)."""
+    cols = qzeros.shape[-1]
+    words = block_shape(bits)[1]
+    if cols % words:
+        return False
+    per_block = torch.full((1, block_shape(bits)[0]), 1 << (bits - 1), dtype=torch.int32)
+    pattern = pack_int32(per_block, bits, dim=1).to(qzeros.device)  # one block of words
+    return bool((qzeros.reshape(-1, words) == pattern).all())

@@ -1,0 +1,186 @@
+"""Multiply activations by packed weights: the one place that picks an implementation.
+
+* CUDA: the fused kernels of ``kernels.fused_moe`` / ``kernels.packed_linear`` (imported
+  lazily; see KERNEL_API); where they are not installed, or a weight has a layout they do
+  not take (fused linear parts with different act-order ``g_idx``), the Triton dequant
+  kernels decode what the call needs and a matmul follows;
+* elsewhere (the CPU server of CI): the torch references decode what the call needs (for
+  MoE only the experts the tokens were routed to) in the serving dtype, then matmul.
+
+The expert loop mirrors SGLang's torch-native MoE (tokens sorted by expert, ``F.linear``,
+the activation-and-multiply, weights combined in the routing weights' dtype), so a packed
+MoE layer gives the decoded layer's numbers up to matmul blocking.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from sglang.srt.enhanced.errors import EnhancedError
+from sglang.srt.enhanced.mixed_precision.dequant import dequant_fp8_block, dequant_fp8_scaled, dequant_gptq
+from sglang.srt.enhanced.mixed_precision.packing import block_shape
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FP8Weights", "GPTQWeights", "moe_forward", "packed_linear"]
+
+
+@dataclass(frozen=True)
+class GPTQWeights:
+    """One GPTQ linear weight (2-D parts) or stacked experts (3-D), as loaded.
+
+    ``g_idx`` is None (no act-order) or ``[..., P, K]``: one row per fused part, part ``p``
+    covering output features ``bounds[p]:bounds[p + 1]``.
+    """
+
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor | None
+    bits: int
+    group_size: int
+    zero_offset: int
+    bounds: tuple[int, ...]
+
+    def expert(self, e: int) -> GPTQWeights:
+        g = self.g_idx[e] if self.g_idx is not None else None
+        return GPTQWeights(self.qweight[e], self.qzeros[e], self.scales[e], g, self.bits, self.group_size,
+                           self.zero_offset, self.bounds)
+
+    def single_g_idx(self) -> torch.Tensor | None | bool:
+        """``g_idx`` as one ``[..., K]`` row when every part shares it; False when parts differ."""
+        if self.g_idx is None:
+            return None
+        first = self.g_idx[..., 0, :]
+        if bool((self.g_idx == first.unsqueeze(-2)).all()):
+            return first
+        return False
+
+    def decode(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight ``[..., N, K]``."""
+        single = self.single_g_idx()
+        kwargs = dict(bits=self.bits, group_size=self.group_size, zero_offset=self.zero_offset, out_dtype=dtype)
+        if single is not False:
+            return dequant_gptq(self.qweight, self.qzeros, self.scales, single, **kwargs)  # type: ignore[arg-type]
+        values, words = block_shape(self.bits)
+        pieces = []
+        for p in range(len(self.bounds) - 1):
+            lo, hi = self.bounds[p], self.bounds[p + 1]
+            pieces.append(dequant_gptq(
+                self.qweight[..., lo:hi], self.qzeros[..., lo // values * words : hi // values * words],
+                self.scales[..., lo:hi], self.g_idx[..., p, :], **kwargs,  # type: ignore[index]
+            ))
+        return torch.cat(pieces, dim=-2)
+
+
+@dataclass(frozen=True)
+class FP8Weights:
+    """One FP8 linear weight ``[N, K]`` (or stacked experts) with block scales or per-channel scales ``[..., N]``."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    block_size: tuple[int, int] | None
+
+    def expert(self, e: int) -> FP8Weights:
+        return FP8Weights(self.weight[e], self.scale[e], self.block_size)
+
+    def decode(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.block_size is not None:
+            return dequant_fp8_block(self.weight, self.scale, self.block_size, dtype)
+        return dequant_fp8_scaled(self.weight, self.scale.reshape(*self.scale.shape, 1), dtype)
+
+
+Weights = GPTQWeights | FP8Weights
+
+
+def _fused_kernels() -> tuple[ModuleType, ModuleType, ModuleType] | None:
+    """``(fused_moe, packed_linear, packed_weights)`` of the kernels package, or None when absent."""
+    try:
+        from sglang.srt.enhanced.mixed_precision.kernels import fused_moe, packed_linear, packed_weights
+    except ImportError:
+        return None
+    return fused_moe, packed_linear, packed_weights
+
+
+def _kernel_weights(w: Weights, packed_weights: ModuleType):  # noqa: ANN202 - the kernels' dataclasses
+    """The kernels' description of ``w``, or None when they cannot take it."""
+    if isinstance(w, FP8Weights):
+        return packed_weights.FP8Experts(weight=w.weight, scale=w.scale, block_size=w.block_size)
+    single = w.single_g_idx()
+    if single is False:
+        if w.g_idx is None or w.g_idx.dim() != 3 or w.g_idx.shape[1] != 2:
+            return None
+        single = w.g_idx  # [E, 2, K]: gate's and up's own orders
+    return packed_weights.GPTQExperts(
+        qweight=w.qweight, qzeros=w.qzeros, scales=w.scales, g_idx=single, bits=w.bits,
+        group_size=w.group_size, zero_offset=w.zero_offset,
+    )
+
+
+def packed_linear(x: torch.Tensor, w: Weights, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` for a packed weight ``W``, output in ``x.dtype``."""
+    if x.is_cuda:
+        kernels = _fused_kernels()
+        if kernels is not None:
+            _, linear, packed_weights = kernels
+            kw = _kernel_weights(w, packed_weights)
+            if kw is not None:
+                fn = linear.fp8_linear if isinstance(w, FP8Weights) else linear.gptq_linear
+                return fn(x, kw, bias=bias)
+    return F.linear(x, w.decode(x.dtype), bias)
+
+
+def moe_forward(
+    x: torch.Tensor,
+    w13: Weights,
+    w2: Weights,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """Sum over the routed experts of ``topk_weight * down(act(gate) * up)``, shape ``[T, H]`` in ``x.dtype``."""
+    if activation not in ("silu", "gelu"):
+        raise EnhancedError(f"unsupported MoE activation {activation!r}; packed MoE runs silu or gelu",
+                            culprit="activation")
+    if x.is_cuda:
+        kernels = _fused_kernels()
+        if kernels is not None and type(w13) is type(w2):
+            fused, _, packed_weights = kernels
+            k13, k2 = _kernel_weights(w13, packed_weights), _kernel_weights(w2, packed_weights)
+            if k13 is not None and k2 is not None:
+                fn = fused.fused_moe_fp8 if isinstance(w13, FP8Weights) else fused.fused_moe_gptq
+                return fn(x, k13, k2, topk_weights.to(torch.float32), topk_ids.to(torch.int32),
+                          activation=activation)
+    return _moe_expert_loop(x, w13, w2, topk_weights, topk_ids, activation)
+
+
+def _moe_expert_loop(
+    x: torch.Tensor, w13: Weights, w2: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str
+) -> torch.Tensor:
+    """Decode each routed expert's weights, then the torch-native expert computation."""
+    num_tokens, top_k = topk_ids.shape
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    order = flat.argsort()
+    sorted_tokens = x[order // top_k]
+    experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    outputs = []
+    start = 0
+    for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
+        tokens = sorted_tokens[start : start + count]
+        start += count
+        gate_up = F.linear(tokens, w13.expert(expert).decode(x.dtype))
+        half = gate_up.shape[-1] // 2
+        act = F.silu(gate_up[..., :half]) if activation == "silu" else F.gelu(gate_up[..., :half], approximate="tanh")
+        outputs.append(F.linear(act * gate_up[..., half:], w2.expert(expert).decode(x.dtype)))
+    outs = torch.cat(outputs, dim=0) if outputs else sorted_tokens.new_empty(0, x.shape[-1])
+    unsorted = torch.empty_like(outs)
+    unsorted[order] = outs
+    combined = (
+        unsorted.view(num_tokens, top_k, -1).type(topk_weights.dtype).mul_(topk_weights.unsqueeze(-1)).sum(dim=1)
+    )
+    return combined.type(x.dtype)
