@@ -118,9 +118,9 @@ def start_stock(model: Path, log_dir: Path, *extra: str, name: str = "stock") ->
     return ServerProcess(argv, port, log_dir / f"{name}-{port}.log")
 
 
-def prompt_logprobs(base_url: str, input_ids: list[int]) -> list[float]:
+def prompt_logprobs(base_url: str, input_ids: list[int], headers: dict[str, str] | None = None) -> list[float]:
     """Log-probabilities the server gives each prompt token (after the first)."""
-    r = requests.post(base_url + "/generate", json={
+    r = requests.post(base_url + "/generate", headers=headers, json={
         "input_ids": input_ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0},
         "return_logprob": True, "logprob_start_len": 0,
     }, timeout=120)

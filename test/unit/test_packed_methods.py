@@ -256,3 +256,28 @@ def test_mixed_module_is_decoded_with_one_warning(caplog) -> None:  # noqa: ANN0
     assert isinstance(layer.quant_method, UnquantizedLinearMethod)
     warnings = [r.getMessage() for r in caplog.records if name in r.getMessage()]
     assert len(warnings) == 1 and "bf16, int4" in warnings[0] and "decoded" in warnings[0]
+
+
+def test_capture_safe_expert_path_equals_the_routed_loop() -> None:
+    """The CUDA-graph-safe fallback (every expert, no host sync) computes what the routed loop does."""
+    from sglang.srt.enhanced.mixed_precision.serving.compute import (
+        GPTQWeights,
+        _moe_every_expert,
+        _moe_expert_loop,
+    )
+
+    torch.manual_seed(3)
+    fmt = GPTQFormat(bits=4, group_size=32, desc_act=True)
+
+    def stacked(shape: tuple[int, int]) -> GPTQWeights:
+        parts = [gptq_parts(torch.randn(*shape), fmt) for _ in range(E)]
+        g_idx = torch.stack([p["g_idx"] for p in parts])[:, None, :]
+        return GPTQWeights.loaded(*(torch.stack([p[k] for p in parts]) for k in ("qweight", "qzeros", "scales")),
+                                  g_idx, 4, 32, fmt.zero_offset, (0, shape[0]))
+
+    w13, w2 = stacked((2 * INTER, H)), stacked((H, INTER))
+    x = torch.randn(6, H, dtype=torch.float64)
+    weights, ids = torch.softmax(torch.randn(6, E), -1).topk(TOP_K, dim=-1)
+    a = _moe_expert_loop(x, w13, w2, weights.double(), ids, "silu")
+    b = _moe_every_expert(x, w13, w2, weights.double(), ids, "silu")
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--disable-expert-coactivation", action="store_true",
                        help="do not count expert pairs chosen for the same token")
     group.add_argument("--plan", action="store_true",
-                       help="print the load plan (tensors and bytes per precision) and exit")
+                       help="print the load plan (tensors and bytes per precision, each module's serving method) and exit")
     ServerArgs.add_cli_args(parser)
     return parser
 

@@ -46,20 +46,24 @@ class GPTQWeights:
     group_size: int
     zero_offset: int
     bounds: tuple[int, ...]
+    parts_share_g_idx: bool = True  # decided once after loading (no device sync per call)
+
+    @classmethod
+    def loaded(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
+               bits: int, group_size: int, zero_offset: int, bounds: tuple[int, ...]) -> GPTQWeights:
+        shared = g_idx is None or bool((g_idx == g_idx[..., :1, :]).all())
+        return cls(qweight, qzeros, scales, g_idx, bits, group_size, zero_offset, bounds, shared)
 
     def expert(self, e: int) -> GPTQWeights:
         g = self.g_idx[e] if self.g_idx is not None else None
         return GPTQWeights(self.qweight[e], self.qzeros[e], self.scales[e], g, self.bits, self.group_size,
-                           self.zero_offset, self.bounds)
+                           self.zero_offset, self.bounds, self.parts_share_g_idx)
 
     def single_g_idx(self) -> torch.Tensor | None | bool:
         """``g_idx`` as one ``[..., K]`` row when every part shares it; False when parts differ."""
         if self.g_idx is None:
             return None
-        first = self.g_idx[..., 0, :]
-        if bool((self.g_idx == first.unsqueeze(-2)).all()):
-            return first
-        return False
+        return self.g_idx[..., 0, :] if self.parts_share_g_idx else False
 
     def decode(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight ``[..., N, K]``."""
@@ -72,8 +76,10 @@ class GPTQWeights:
         for p in range(len(self.bounds) - 1):
             lo, hi = self.bounds[p], self.bounds[p + 1]
             pieces.append(dequant_gptq(
-                self.qweight[..., lo:hi], self.qzeros[..., lo // values * words : hi // values * words],
-                self.scales[..., lo:hi], self.g_idx[..., p, :], **kwargs,  # type: ignore[index]
+                self.qweight[..., lo:hi].contiguous(),
+                self.qzeros[..., lo // values * words : hi // values * words].contiguous(),
+                self.scales[..., lo:hi].contiguous(), self.g_idx[..., p, :].contiguous(),  # type: ignore[index]
+                **kwargs,
             ))
         return torch.cat(pieces, dim=-2)
 
@@ -156,7 +162,28 @@ def moe_forward(
                 fn = fused.fused_moe_fp8 if isinstance(w13, FP8Weights) else fused.fused_moe_gptq
                 return fn(x, k13, k2, topk_weights.to(torch.float32), topk_ids.to(torch.int32),
                           activation=activation)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _moe_every_expert(x, w13, w2, topk_weights, topk_ids, activation)
     return _moe_expert_loop(x, w13, w2, topk_weights, topk_ids, activation)
+
+
+def _expert_mlp(tokens: torch.Tensor, w13: Weights, w2: Weights, expert: int, activation: str) -> torch.Tensor:
+    gate_up = F.linear(tokens, w13.expert(expert).decode(tokens.dtype))
+    half = gate_up.shape[-1] // 2
+    gate = gate_up[..., :half]
+    act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
+    return F.linear(act * gate_up[..., half:], w2.expert(expert).decode(tokens.dtype))
+
+
+def _moe_every_expert(
+    x: torch.Tensor, w13: Weights, w2: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str
+) -> torch.Tensor:
+    """Capture-safe (no host sync): every expert runs on every token, weighted by its routing weight (0 if unrouted)."""
+    out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
+    for expert in range(w13.qweight.shape[0] if isinstance(w13, GPTQWeights) else w13.weight.shape[0]):
+        weight = (topk_weights * (topk_ids == expert)).sum(dim=-1, keepdim=True).to(torch.float32)
+        out += weight * _expert_mlp(x, w13, w2, expert, activation).to(torch.float32)
+    return out.to(x.dtype)
 
 
 def _moe_expert_loop(
@@ -171,12 +198,8 @@ def _moe_expert_loop(
     outputs = []
     start = 0
     for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
-        tokens = sorted_tokens[start : start + count]
+        outputs.append(_expert_mlp(sorted_tokens[start : start + count], w13, w2, expert, activation))
         start += count
-        gate_up = F.linear(tokens, w13.expert(expert).decode(x.dtype))
-        half = gate_up.shape[-1] // 2
-        act = F.silu(gate_up[..., :half]) if activation == "silu" else F.gelu(gate_up[..., :half], approximate="tanh")
-        outputs.append(F.linear(act * gate_up[..., half:], w2.expert(expert).decode(x.dtype)))
     outs = torch.cat(outputs, dim=0) if outputs else sorted_tokens.new_empty(0, x.shape[-1])
     unsorted = torch.empty_like(outs)
     unsorted[order] = outs

@@ -27,7 +27,7 @@ from sglang.srt.enhanced.config import Precision
 from sglang.srt.enhanced.mixed_precision.formats.fp8 import FP8Format, FP8Scale, check_fp8_tensors
 from sglang.srt.enhanced.mixed_precision.formats.gptq import GPTQFormat
 from sglang.srt.enhanced.mixed_precision.packing import block_shape
-from sglang.srt.enhanced.mixed_precision.plan import LoadPlan, PlanEntry
+from sglang.srt.enhanced.mixed_precision.plan import LoadPlan, PlanEntry, format_bytes
 from sglang.srt.enhanced.mixed_precision.sources import CheckpointSource
 
 __all__ = [
@@ -285,18 +285,28 @@ def served_nbytes(layout: ServingLayout, plan: LoadPlan) -> dict[Precision, int]
 
 def format_layout(layout: ServingLayout, plan: LoadPlan) -> str:
     """Text report for ``--plan``: bytes per precision as served, and every module with a quantized part."""
-    from sglang.srt.enhanced.mixed_precision.plan import format_bytes
-
     summary = plan.summary()
     served = served_nbytes(layout, plan)
-    lines = [f"Serving (mixed_precision.serve: {layout.serve})", ""]
-    rows = [[str(p), format_bytes(t.bytes_on_disk), format_bytes(served.get(p, 0))] for p, t in summary.items()]
-    widths = [max(len(r[i]) for r in [["precision", "on disk", "in memory"], *rows]) for i in range(3)]
-    for r in [["precision", "on disk", "in memory"], *rows]:
-        lines.append(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}")
-    lines += ["", "module  precision  method", ""]
-    for m in layout.modules.values():
-        precisions = "+".join(str(p) for p in m.precisions)
-        lines.append(f"{m.name}  {precisions}  {m.method_name}" + (f"  ({m.reason})" if m.reason else ""))
-    lines.append("(every other Linear / MoE module: unquantized)")
+    lines = [f"Serving (mixed_precision.serve: {layout.serve}; every other Linear / MoE module: unquantized)", ""]
+    lines += _aligned_rows(
+        ["precision", "on disk", "in memory"],
+        [[str(p), format_bytes(t.bytes_on_disk), format_bytes(served.get(p, 0))] for p, t in summary.items()],
+        right={1, 2},
+    )
+    lines.append("")
+    lines += _aligned_rows(
+        ["module", "precision", "method"],
+        [[m.name, "+".join(str(p) for p in m.precisions), m.method_name + (f" ({m.reason})" if m.reason else "")]
+         for m in layout.modules.values()],
+        right=set(),
+    )
     return "\n".join(lines)
+
+
+def _aligned_rows(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return [
+        "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        .rstrip()
+        for r in [header, ["-" * w for w in widths], *rows]
+    ]

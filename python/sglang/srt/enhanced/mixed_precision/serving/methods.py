@@ -192,7 +192,7 @@ class _PackedTensors:
                            "symmetric zero of 'gptq_v2'; serving as gptq_v2", self.layout.name,
                            1 << (self.gptq.bits - 1))
             zero_offset = 0
-        return GPTQWeights(self.params["qweight"].data, qzeros, self.params["scales"].data,
+        return GPTQWeights.loaded(self.params["qweight"].data, qzeros, self.params["scales"].data,
                            g_idx.data if g_idx is not None else None, self.gptq.bits, self.gptq.group_size,
                            zero_offset, self.bounds)
 
