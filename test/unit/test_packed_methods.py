@@ -280,4 +280,4 @@ def test_capture_safe_expert_path_equals_the_routed_loop() -> None:
     weights, ids = torch.softmax(torch.randn(6, E), -1).topk(TOP_K, dim=-1)
     a = _moe_expert_loop(x, w13, w2, weights.double(), ids, "silu")
     b = _moe_every_expert(x, w13, w2, weights.double(), ids, "silu")
-    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(a.abs().max()))  # float32 accumulation
