@@ -157,7 +157,7 @@ def test_demo_mixed_modules_are_decoded_with_one_warning_each(demo_pair) -> None
     experts = [ln for ln in lines if "model.layers.1.mlp.experts is served decoded" in ln]
     assert len(qkv) == 1 and "bf16, int4" in qkv[0]
     assert len(experts) == 1 and "fp8, int4" in experts[0]
-    line = next(ln for ln in lines if "Mixed-precision load (serve packed)" in ln)
+    line = next(ln for ln in lines if "Mixed-precision load: serve packed," in ln)
     assert "int4: 24 tensors" in line and "in memory" in line
 
 

@@ -102,8 +102,8 @@ class MixedPrecisionModelLoader(BaseModelLoader):
             write_report(self.settings.state_dir, report)
         if first:
             in_memory = {p: v["bytes_in_memory"] for p, v in report["precisions"].items()}
-            logger.info("Mixed-precision load (serve %s%s): %s", layout.serve,
-                        f", per TP rank of {size}" if size > 1 else "", stats.summary_line(in_memory))
+            logger.info("Mixed-precision load: serve %s%s, %s", layout.serve,
+                        f" (bytes in memory per TP rank of {size})" if size > 1 else "", stats.summary_line(in_memory))
         return model.eval()
 
 
