@@ -88,12 +88,8 @@ def test_budget_goes_to_the_busy_experts_and_the_config_serves_it(planner, demo_
     path = tmp_path / "plan.yaml"
     path.write_text(plan.to_yaml())
     config = EnhancedConfig.from_yaml(path, model_path=demo_checkpoints["bf16"])
-    sources = open_sources(config)
-    try:
+    with open_sources(config) as sources:
         load_plan = build_plan(config, sources)
-    finally:
-        for s in {id(s): s for s in sources.values()}.values():
-            s.close()
     for (layer, e), precision in plan.choice.items():
         for proj in PROJECTIONS:
             assert load_plan.entry(f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight").precision == precision

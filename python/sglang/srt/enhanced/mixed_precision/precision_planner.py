@@ -46,7 +46,7 @@ from sglang.srt.enhanced.mixed_precision.expert_costs import (
     measure_expert_costs,
 )
 from sglang.srt.enhanced.mixed_precision.plan import LoadPlan, build_plan, format_bytes, parse_rules
-from sglang.srt.enhanced.mixed_precision.sources import CheckpointSource, open_sources
+from sglang.srt.enhanced.mixed_precision.sources import CheckpointSource, SourceSet, open_sources
 
 __all__ = ["STRATEGIES", "ExpertPlan", "PrecisionPlanner", "parse_keep", "tokens_from_stats"]
 
@@ -315,18 +315,17 @@ def _option(precision: Precision, cost: ExpertCost) -> Option:
 @contextmanager
 def _opened(
     config: EnhancedConfig, folders: Mapping[Precision, Path] | None = None
-) -> Iterator[dict[Precision, CheckpointSource]]:
+) -> Iterator[SourceSet]:
     """The config's sources, and with ``folders`` one source for each of those precisions too."""
-    sources = open_sources(config)
-    by_folder = {s.folder.resolve(): s for s in sources.values()}
-    for precision, folder in (folders or {}).items():
-        if precision not in sources:
-            sources[precision] = by_folder.setdefault(folder.resolve(), CheckpointSource(folder))
-    try:
+    opened = open_sources(config)
+    by_folder = {s.folder.resolve(): s for s in opened.values()}
+    extra = {
+        precision: by_folder.setdefault(folder.resolve(), CheckpointSource(folder))
+        for precision, folder in (folders or {}).items()
+        if precision not in opened
+    }
+    with SourceSet({**opened, **extra}) as sources:
         yield sources
-    finally:
-        for source in {id(s): s for s in sources.values()}.values():
-            source.close()
 
 
 def keep_rules_of(config: EnhancedConfig, reference: Precision = Precision.BF16) -> dict[str, Precision]:
