@@ -134,7 +134,7 @@ def decoded_meta(entry: PlanEntry, source: CheckpointSource, dtype: torch.dtype)
 def _gptq_meta(
     entry: PlanEntry, source: CheckpointSource, metas: dict[str, torch.Tensor], dtype: torch.dtype
 ) -> torch.Tensor:
-    from sglang.srt.enhanced.mixed_precision.decoders.gptq import check_gptq_shapes
+    from sglang.srt.enhanced.mixed_precision.formats.gptq import check_gptq_shapes
 
     prefix = entry.name.removesuffix(".weight")
     settings = source.decoder.settings  # type: ignore[attr-defined]
