@@ -6,7 +6,9 @@ server per configuration:
 - *all-bf16*: every weight from the bf16 release, served in float32 with expert tracking
   (float32 so that near-ties of the routers cannot flip between the two reduction orders);
 - *mixed*: the shipped ``mixed_precision_config.yaml`` (attention bf16, shared experts FP8,
-  routed experts GPTQ int4, decoded to bf16 while loading), served in bf16.
+  routed experts GPTQ int4) with ``serve: decoded`` (decoded to bf16 while loading), served in
+  bf16. Served packed, the demo's int4 experts (groups of 32 along an intermediate size of 32)
+  cannot be cut in two: that start is refused, naming the module and the sizes.
 
 What differs between TP=1 and TP=2 is only the order of float additions: each row-parallel
 projection (``o_proj``, the experts' and shared expert's ``down_proj``) sums half of its
@@ -39,6 +41,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import openai
 import pytest
@@ -100,9 +103,29 @@ def test_intermediate_size_that_does_not_divide_is_refused(tmp_path) -> None:
     assert "Load weight begin" not in out.stdout + out.stderr
 
 
-def test_plan_confirms_a_tp_size_that_divides(demo_checkpoints) -> None:
+def decoded_config(demo_checkpoints, folder: Path) -> Path:  # noqa: ANN001
+    """The shipped config with ``serve: decoded`` (its folders made absolute)."""
+    data = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    data["mixed_precision"].update({f"{p}_path": str(path) for p, path in demo_checkpoints.items()}, serve="decoded")
+    path = folder / "mixed_decoded.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_packed_experts_cut_through_a_group_are_refused(demo_checkpoints) -> None:
     argv = [sys.executable, str(REPO / "launch_enhanced_server.py"), "--config", str(SHIPPED_CONFIG),
             "--model", str(demo_checkpoints["bf16"]), "--tp-size", "2", "--plan"]
+    out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-4000:]
+    last = out.stderr.rstrip().splitlines()[-1]
+    assert "model.layers.0.mlp.experts.0.down_proj" in last and "16 input features" in last
+    assert "quantization group of 32" in last
+
+
+def test_plan_confirms_a_tp_size_that_divides(demo_checkpoints, tmp_path) -> None:
+    argv = [sys.executable, str(REPO / "launch_enhanced_server.py"), "--config",
+            str(decoded_config(demo_checkpoints, tmp_path)), "--model", str(demo_checkpoints["bf16"]),
+            "--tp-size", "2", "--plan"]
     out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "--tp-size 2: every sharded dimension divides" in out.stdout
@@ -127,7 +150,8 @@ def servers(demo_checkpoints, tmp_path_factory) -> dict[str, Pair]:
     launches = {
         ("all_bf16", tp): ("--tp-size", str(tp), "--dtype", "float32", *TRACKING_ARGS, "--config", str(all_bf16))
         for tp in (1, 2)
-    } | {("mixed", tp): ("--tp-size", str(tp), "--config", str(SHIPPED_CONFIG)) for tp in (1, 2)}
+    } | {("mixed", tp): ("--tp-size", str(tp), "--config", str(decoded_config(demo_checkpoints, work)))
+         for tp in (1, 2)}
     started: list[ServerProcess] = []
 
     def ready(key: tuple[str, int]) -> ServerProcess:
