@@ -1,9 +1,10 @@
 """Multiply activations by packed weights: the one place that picks an implementation.
 
 * CUDA: the fused kernels of ``kernels.fused_moe`` / ``kernels.packed_linear`` (imported
-  lazily; see KERNEL_API); where they are not installed, or a weight has a layout they do
-  not take (fused linear parts with different act-order ``g_idx``), the Triton dequant
-  kernels decode what the call needs and a matmul follows;
+  lazily; for MoE below ``LOOP_FROM_TOKENS`` tokens or inside graph capture); where they are
+  not installed, or a weight has a layout they do not take (fused linear parts with different
+  act-order ``g_idx``), or a MoE call has more tokens, the Triton dequant kernels decode what
+  the call needs and a matmul follows;
 * elsewhere (the CPU server of CI): the torch references decode what the call needs (for
   MoE only the experts the tokens were routed to) in the serving dtype, then matmul.
 
@@ -27,7 +28,14 @@ from sglang.srt.enhanced.mixed_precision.packing import block_shape
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FP8Weights", "GPTQWeights", "moe_forward", "packed_linear"]
+__all__ = ["LOOP_FROM_TOKENS", "FP8Weights", "GPTQWeights", "moe_forward", "packed_linear"]
+
+# From this many tokens on (outside CUDA-graph capture) a CUDA MoE call decodes each routed expert
+# once and multiplies its tokens with cuBLAS instead of calling the fused kernels, whose large-batch
+# path is several times slower than bf16 (benchmarks/RESULTS.md, fused MoE section: 5.9 ms against
+# 0.88 ms for bf16 at 4096 tokens on Qwen3-30B-A3B's shape). The crossover is estimated from the
+# measured decode rate, not measured itself.
+LOOP_FROM_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -153,7 +161,8 @@ def moe_forward(
     if activation not in ("silu", "gelu"):
         raise EnhancedError(f"unsupported MoE activation {activation!r}; packed MoE runs silu or gelu",
                             culprit="activation")
-    if x.is_cuda:
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if x.is_cuda and (capturing or x.shape[0] < LOOP_FROM_TOKENS):
         kernels = _fused_kernels()
         if kernels is not None and type(w13) is type(w2):
             fused, _, packed_weights = kernels
@@ -162,7 +171,7 @@ def moe_forward(
                 fn = fused.fused_moe_fp8 if isinstance(w13, FP8Weights) else fused.fused_moe_gptq
                 return fn(x, k13, k2, topk_weights.to(torch.float32), topk_ids.to(torch.int32),
                           activation=activation)
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+    if capturing:
         return _moe_every_expert(x, w13, w2, topk_weights, topk_ids, activation)
     return _moe_expert_loop(x, w13, w2, topk_weights, topk_ids, activation)
 
