@@ -179,7 +179,7 @@ def test_window_counts_the_last_passes(served, reference):
 
 def test_state_folder_is_removed_when_the_server_stops(served):
     _, server = served
-    found = re.search(r"expert statistics state folder: (\S+)", server.log())
+    found = re.search(r"state folder: (\S+)", server.log())
     assert found, server.log()[-2000:]
     folder = Path(found.group(1))
     assert folder.is_dir()
