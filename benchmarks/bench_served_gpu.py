@@ -8,11 +8,11 @@ round-to-nearest run on the GPU. Served through ``launch_enhanced_server.py``:
 
 * ``bf16``           all weights from the bf16 checkpoint, expert tracking on;
 * ``int4-decoded``   experts from the GPTQ checkpoint, decoded to bf16 at load, tracking on;
+* ``int4-packed``    experts from the GPTQ checkpoint kept packed (``serve: packed``), tracking on;
 * ``bf16-untracked`` as ``bf16`` without ``--enable-expert-tracking``.
 
-Servers are started one after another (the next once the previous has captured its CUDA
-graphs), so SGLang's "Load weight end ... mem usage" line of each is read while no other
-server allocates. Output tokens/s come from SGLang's own ``bench_serving`` (random token ids,
+Servers are started one after another (the next once the previous is ready), so SGLang's
+"Load weight end ... mem usage" line of each is read while no other server allocates. Output tokens/s come from SGLang's own ``bench_serving`` (random token ids,
 ``--random-input-len`` / ``--random-output-len`` fixed, ``--max-concurrency`` 1, 8 and 64,
 all requests at once), run in this process once per (server, concurrency). The tracked and
 untracked bf16 servers take turns at concurrency 1 and 64 for ``--rounds`` rounds (the server
@@ -158,7 +158,10 @@ def write_configs(work: Path, bf16: Path, int4: Path) -> dict[str, Path]:
 
     data = {
         "bf16": {"bf16_path": str(bf16), "weight_mapping": {"*": "bf16"}},
-        "int4-decoded": {"bf16_path": str(bf16), "int4_path": str(int4), "weight_mapping": {EXPERT_RULE: "int4"}},
+        "int4-decoded": {"bf16_path": str(bf16), "int4_path": str(int4), "serve": "decoded",
+                         "weight_mapping": {EXPERT_RULE: "int4"}},
+        "int4-packed": {"bf16_path": str(bf16), "int4_path": str(int4), "serve": "packed",
+                        "weight_mapping": {EXPERT_RULE: "int4"}},
     }
     paths = {}
     for name, section in data.items():
@@ -172,20 +175,34 @@ def write_configs(work: Path, bf16: Path, int4: Path) -> dict[str, Path]:
 
 def start_in_turn(server_mod, bf16: Path, configs: dict[str, Path], logs: Path, timeout: float,
                   servers: dict) -> None:
-    """Start each server into ``servers`` once the one before has captured its CUDA graphs; wait for all."""
+    """Start each server into ``servers`` once the one before is ready (graphs captured, warm-up done).
+
+    A server whose port was taken before it bound it (another server's internal port) is started
+    again on a new one.
+    """
     plan = [("bf16", configs["bf16"], True), ("int4-decoded", configs["int4-decoded"], True),
-            ("bf16-untracked", configs["bf16"], False)]
+            ("int4-packed", configs["int4-packed"], True), ("bf16-untracked", configs["bf16"], False)]
     for name, config, tracking in plan:
         extra = (*SERVER_ARGS, *(("--enable-expert-tracking",) if tracking else ()))
-        server = servers[name] = server_mod.start_enhanced(bf16, logs, *extra, config=config, name=name)
-        deadline = time.monotonic() + timeout
-        while GRAPHS_DONE not in server.log():
-            if server.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start:\n{server.log()[-4000:]}")
-            time.sleep(0.5)
-        print(f"{name}: CUDA graphs captured", flush=True)
-    for server in servers.values():
-        server.wait_ready(timeout)
+        for attempt in range(3):
+            server = servers[name] = server_mod.start_enhanced(bf16, logs, *extra, config=config, name=name)
+            try:
+                server.wait_ready(timeout)
+                break
+            except server_mod.PortTaken:
+                print(f"{name}: port {server.port} taken, starting again", flush=True)
+                if attempt == 2:
+                    raise
+        print(f"{name}: ready (CUDA graphs captured: {GRAPHS_DONE in server.log()})", flush=True)
+
+
+def served_gib(server) -> float:
+    """GiB of weights in memory per ``GET /mixed_precision`` (summed over precisions)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.base_url}/mixed_precision", timeout=30) as reply:
+        report = json.loads(reply.read())
+    return sum(p["bytes_in_memory"] for p in report["precisions"].values()) / 2**30
 
 
 def weights_gib(server) -> float:
@@ -264,6 +281,10 @@ def main() -> None:
         timings["servers_s"] = time.perf_counter() - t
         for name, srv in servers.items():
             results["weights_gib"][name] = weights_gib(srv)
+            try:
+                results.setdefault("served_gib", {})[name] = served_gib(srv)
+            except (OSError, KeyError, ValueError) as exc:
+                print(f"{name}: GET /mixed_precision failed: {exc!r}", flush=True)
         prompts = {1: 4, 8: 16, 64: 64}
 
         def run(name: str, c: int, tag: str) -> float:
@@ -275,6 +296,7 @@ def main() -> None:
 
         for c in (1, 8, 64):
             run("int4-decoded", c, "0")
+            run("int4-packed", c, "0")
         run("bf16", 8, "0")
         for r in range(args.rounds):
             for c in (1, 64):
@@ -292,11 +314,13 @@ def report(results: dict) -> str:
     med = {k: statistics.median(v) for k, v in results["tok_s"].items()}
     lines = [f"Qwen3-30B-A3B-shaped, {results['layers']} of 48 layers, input {results['input_len']} / "
              f"output {results['output_len']} tokens",
-             "| server | weights GiB (SGLang mem usage) | tok/s c=1 | tok/s c=8 | tok/s c=64 |",
-             "| --- | --- | --- | --- | --- |"]
+             "| server | weights GiB (SGLang mem usage) | GiB per /mixed_precision | tok/s c=1 | tok/s c=8 "
+             "| tok/s c=64 |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, gib in results["weights_gib"].items():
         cells = [f"{med[f'{name}@{c}']:.1f}" if f"{name}@{c}" in med else "-" for c in (1, 8, 64)]
-        lines.append(f"| {name} | {gib:.2f} | " + " | ".join(cells) + " |")
+        served = results.get("served_gib", {}).get(name, float("nan"))
+        lines.append(f"| {name} | {gib:.2f} | {served:.2f} | " + " | ".join(cells) + " |")
     for c in (1, 64):
         on, off = med.get(f"bf16@{c}"), med.get(f"bf16-untracked@{c}")
         if on and off:

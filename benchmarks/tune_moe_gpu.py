@@ -67,7 +67,8 @@ def tune_one(fmt, e, top_k, h, inter, t, w13, w2, gen) -> tuple[MoEConfig, float
     scored = [(time_cfg(fn, w13, w2, sets, c), c) for c in dict.fromkeys(starts)]
     best_us, best = min(scored, key=lambda s: s[0])
     if best.path == "gemv":
-        ups = [replace(best, up=u) for u in GEMV_UP]
+        ups = [replace(best, up=replace(u, split_k=s)) for u in GEMV_UP
+               for s in {1, splits(pairs, inter, h, u), 2 * splits(pairs, inter, h, u)}]  # fmt: skip
         best_us, best = min([(best_us, best)] + [(time_cfg(fn, w13, w2, sets, c), c) for c in ups if c != best],
                             key=lambda s: s[0])  # fmt: skip
         downs = [replace(best, down=replace(d, split_k=s)) for d in GEMV_DOWN

@@ -6,7 +6,8 @@
 # env   installs WHEEL_DIR's wheels into /tmp/lane-site (ahead of the machine's own packages on
 #       PYTHONPATH), the product wheel over them, puts the stand-ins on PYTHONPATH and checks imports;
 #       nothing else runs if it fails.
-# e2e   the GPU-sensible e2e tests through the launcher, CUDA graphs on, files in parallel.
+# e2e   the GPU-sensible e2e tests through the launcher, CUDA graphs on, files in parallel
+#       (LANE_E2E_ONLY: a regular expression naming the jobs to run, e.g. 'demo|packed-.*').
 # bench benchmarks/bench_served_gpu.py.
 # Logs and results go to OUT_DIR; a summary table is printed last.
 set -uo pipefail
@@ -54,11 +55,18 @@ if [[ ",$STAGES," == *,e2e,* ]]; then
         "standins:test/gpu_lane/test_standins.py test/gpu"
         "demo:test/e2e/test_serve_demo.py"
         "tracking_server:test/e2e/test_tracking_server.py"
+        "packed-demo:test/e2e/test_packed_serving.py -k demo"
     )
     for arch in qwen2_moe qwen3_moe mixtral olmoe; do
         jobs+=("equivalence-$arch:test/e2e/test_load_equivalence.py -k $arch")
         jobs+=("counts-$arch:test/e2e/test_tracking_counts.py -k $arch")
+        [ "$arch" != qwen2_moe ] && jobs+=("packed-$arch:test/e2e/test_packed_serving.py -k $arch")
     done
+    if [ -n "${LANE_E2E_ONLY:-}" ]; then  # a regular expression over the job names
+        kept=()
+        for job in "${jobs[@]}"; do [[ "${job%%:*}" =~ ^(${LANE_E2E_ONLY})$ ]] && kept+=("$job"); done
+        jobs=("${kept[@]}")
+    fi
     pids=()
     if [[ ",$STAGES," == *,bench,* ]]; then
         # The benchmark's checkpoints are built meanwhile (nothing is measured while building).

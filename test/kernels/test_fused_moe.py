@@ -90,6 +90,40 @@ def test_fused_moe_fp8(case, device, poisoned):  # noqa: F811
     assert rel_err(y, fused_moe_ref(x, w13, w2, tw, ti, activation=act)) < REL_TOL[dtype]
 
 
+SPLIT_GATE_UP_CASES = [
+    # name, hidden (3 K tiles of 32; 80 leaves the last one partly past H), activation
+    ("int4-g16", 80, "silu"),
+    ("int4-actorder", 96, "silu"),
+    ("int3-g32", 96, "gelu"),
+    ("fp8-block", 80, "gelu"),
+    ("fp8-channel", 96, "silu"),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_GATE_UP_CASES, ids=lambda c: c[0])
+def test_gate_up_split_over_k(case, device, poisoned):  # noqa: F811
+    """Gate/up in 3 K splits: float32 partial sums, added up and activated by the act kernel."""
+    name, h, act = case
+    gen = torch.Generator().manual_seed(h + len(name))
+    e, t, top_k, inter = 4, 3, 2, 32
+    if name.startswith("fp8"):
+        block = (16, 32) if name == "fp8-block" else None
+        w13, w2 = make_fp8(gen, e, h, 2 * inter, block, device=device), make_fp8(gen, e, inter, h, block, device=device)
+        run = fused_moe_fp8
+    else:
+        bits, group = (3, 32) if name.startswith("int3") else (4, 16)
+        act_order = name.endswith("actorder")
+        w13 = make_gptq(gen, e, h, 2 * inter, bits, group, act_order=act_order, device=device)
+        w2 = make_gptq(gen, e, inter, h, bits, group, act_order=act_order, device=device)
+        run = fused_moe_gptq
+    tw, ti = make_routing(gen, t, e, top_k, device=device)
+    ti[1, 1] = -1  # a pair of another rank: its partial sums are never written
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16).to(device)
+    cfg = MoEConfig("gemv", GemmConfig(16, 32, split_k=3), GemmConfig(32, 32, split_k=2))
+    y = run(x, w13, w2, tw, ti, activation=act, config=cfg)
+    assert rel_err(y, fused_moe_ref(x, w13, w2, tw, ti, activation=act)) < REL_TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("cfg", [GEMV, GEMM], ids=["gemv", "gemm"])
 def test_pairs_of_other_ranks_contribute_nothing(cfg, device, poisoned):  # noqa: F811
     gen = torch.Generator().manual_seed(3)

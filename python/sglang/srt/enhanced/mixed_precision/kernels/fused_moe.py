@@ -3,8 +3,9 @@ its epilogue, down GEMM with the routing-weighted top-k sum in its epilogue.
 
 Two kernel shapes, chosen by batch size (``moe_configs.pick_moe_config``):
 
-- ``gemv`` (decode, a few tokens): one program per (token, slot) pair and output tile, no
-  alignment and no padding; the down projection may split K over many programs.
+- ``gemv`` (decode, a few tokens): one program per (token, slot) pair, output tile and K split,
+  no alignment and no padding. A split gate/up projection writes float32 partial sums and a
+  small kernel adds them and applies the activation; a split down projection adds atomically.
 - ``gemm`` (prefill): pairs grouped by expert in ``BLOCK_M``-row blocks (``moe_align``), tensor
   core products on weight tiles decoded in registers.
 
@@ -66,18 +67,20 @@ def _fused_moe_gemv_kernel(
     FMT: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_MODE: tl.constexpr, GS: tl.constexpr, HAS_G_IDX: tl.constexpr, UNIFORM: tl.constexpr,
     BLOCKWISE: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
-    PLANES: tl.constexpr,
+    PLANES: tl.constexpr, SPLIT_GATED: tl.constexpr,
 ):  # fmt: skip
-    """One (token, slot) pair ``p`` x ``BLOCK_N`` outputs x one K split.
+    """One (token, slot) pair ``p`` x ``BLOCK_N`` outputs x one K split ``s``.
 
-    GATED: ``out[p, n] = act(x[p // top_k] . W[e, n]) * (x[p // top_k] . W[e, N + n])``;
+    GATED: ``out[p, n] = act(x[p // top_k] . W[e, n]) * (x[p // top_k] . W[e, N + n])``; with
+    SPLIT_GATED the two dot products over split ``s`` go to ``out[s, p, n]`` / ``out[s, p, N + n]``
+    (float32) instead, for :func:`_split_act_kernel`;
     else ``out[p // top_k, n] += topk_w[p] * (a[p] . W[e, n])`` (float32, atomic).
     """
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     if GATED:
-        _clear(zero_ptr, zero_numel, zero_chunk, p * tl.num_programs(1) + pid_n)
+        _clear(zero_ptr, zero_numel, zero_chunk, (p * tl.num_programs(1) + pid_n) * tl.num_programs(2) + pid_k)
     e = tl.load(topk_ids_ptr + p).to(tl.int64)
     if (e < 0) | (e >= num_experts):
         return
@@ -121,12 +124,33 @@ def _fused_moe_gemv_kernel(
                                     sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
                                     FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
                 acc_up += s * tl.sum(v * x[None, :], axis=1)
-    if GATED:
+    if SPLIT_GATED:
+        part = out_ptr + (pid_k * tl.num_programs(0) + p).to(tl.int64) * so_m
+        tl.store(part + offs_n, acc, mask=mask_n)
+        tl.store(part + N + offs_n, acc_up, mask=mask_n)
+    elif GATED:
         h = _activate(acc, ACT) * acc_up
         tl.store(out_ptr + p.to(tl.int64) * so_m + offs_n, h.to(out_ptr.dtype.element_ty), mask=mask_n)
     else:
         wgt = tl.load(topk_w_ptr + p).to(tl.float32)
         tl.atomic_add(out_ptr + (p // top_k).to(tl.int64) * so_m + offs_n, acc * wgt, mask=mask_n)
+
+
+@triton.jit
+def _split_act_kernel(part_ptr, out_ptr, N, pairs, sp_m, so_m, SPLITS: tl.constexpr, ACT: tl.constexpr,
+                      BLOCK: tl.constexpr):  # fmt: skip
+    """``out[p, n] = act(sum_s part[s, p, n]) * sum_s part[s, p, N + n]`` for one pair and ``BLOCK`` outputs."""
+    p = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.zeros((BLOCK,), tl.float32)
+    u = tl.zeros((BLOCK,), tl.float32)
+    for s in tl.static_range(SPLITS):
+        row = part_ptr + (s * pairs + p).to(tl.int64) * sp_m
+        g += tl.load(row + offs, mask=mask, other=0.0)
+        u += tl.load(row + N + offs, mask=mask, other=0.0)
+    h = _activate(g, ACT) * u
+    tl.store(out_ptr + p.to(tl.int64) * so_m + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -242,21 +266,29 @@ class _WeightArgs:
                              PLANES=False)  # fmt: skip
 
 
+ACT_BLOCK = 256
+
+
 def _launch_gemv(a, out, zero, topk_ids, topk_w, w, n, k, num_experts, top_k, cfg: GemmConfig, gated, act):
     wa = _WeightArgs(w, cfg.block_k)
     pairs = topk_ids.numel()
     k_tiles = triton.cdiv(k, cfg.block_k)
-    split = 1 if gated else max(1, min(cfg.split_k, k_tiles))
-    per_split = triton.cdiv(k_tiles, split)
+    per_split = triton.cdiv(k_tiles, max(1, min(cfg.split_k, k_tiles)))
     split = triton.cdiv(k_tiles, per_split)
+    split_gated = gated and split > 1
+    # A split gate/up projection writes float32 partials [split, pairs, 2N], added up by the act kernel.
+    dst = torch.empty((split, pairs, 2 * n), dtype=torch.float32, device=a.device) if split_gated else out
     grid = (pairs, triton.cdiv(n, cfg.block_n), split)
     _fused_moe_gemv_kernel[grid](
-        a, out, zero, topk_ids, topk_w, *wa.ptrs,
-        n, k, num_experts, top_k, zero.numel(), triton.cdiv(zero.numel(), grid[0] * grid[1]), *wa.scalars,
-        a.stride(0), out.stride(0), *wa.strides,
+        a, dst, zero, topk_ids, topk_w, *wa.ptrs,
+        n, k, num_experts, top_k, zero.numel(), triton.cdiv(zero.numel(), grid[0] * grid[1] * grid[2]),
+        *wa.scalars, a.stride(0), dst.stride(-2), *wa.strides,
         **wa.meta, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GATED=gated, ACT=act, TILES_PER_SPLIT=per_split,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT_GATED=split_gated, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    if split_gated:
+        _split_act_kernel[(pairs, triton.cdiv(n, ACT_BLOCK))](
+            dst, out, n, pairs, dst.stride(1), out.stride(0), SPLITS=split, ACT=act, BLOCK=ACT_BLOCK)
 
 
 def _dot_block_k(w: GPTQExperts | FP8Experts, block_k: int) -> int:

@@ -2,7 +2,7 @@
 with a heuristic for shapes that were not tuned.
 
 A JSON file maps ``"<fmt>:E<experts>:H<hidden>:I<intermediate>:k<top_k>"`` to ``{"<tokens>": config}``;
-a batch takes the config of the smallest tuned token count at or above it (else the largest).
+a batch takes the config of the smallest tuned token count at or above it (:func:`pick_tuned`).
 Files are written by ``benchmarks/tune_moe_gpu.py``.
 """
 
@@ -24,7 +24,7 @@ class GemmConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
-    split_k: int = 1  # gemv down projection only
+    split_k: int = 1  # gemv only: K splits of the projection
 
 
 @dataclass(frozen=True)
@@ -65,22 +65,30 @@ def default_moe_config(fmt: str, e: int, h: int, inter: int, top_k: int, tokens:
     pairs = tokens * top_k
     if pairs <= max(e, 8):
         up_n = 32 if pairs * -(-inter // 32) >= 2 * TARGET_PROGRAMS // 3 else 16
+        up_split = max(1, min(-(-h // 128), -(-2 * TARGET_PROGRAMS // (pairs * -(-inter // up_n)))))
         split = max(1, min(-(-inter // 128), -(-TARGET_PROGRAMS // (pairs * -(-h // 64)))))
-        return MoEConfig("gemv", GemmConfig(up_n, 128, 4, 3), GemmConfig(64, 128, 4, 3, split))
+        return MoEConfig("gemv", GemmConfig(up_n, 128, 4, 3, up_split), GemmConfig(64, 128, 4, 3, split))
     block_m = 16 if pairs <= 4 * e else 64
     return MoEConfig("gemm", GemmConfig(64, 64, 4, 3), GemmConfig(64, 64, 4, 3), block_m)
 
 
 @functools.lru_cache(maxsize=4096)
 def pick_moe_config(fmt: str, e: int, h: int, inter: int, top_k: int, tokens: int, device: torch.device) -> MoEConfig:
-    """The tuned config for this shape and batch (nearest tuned batch at or above), else the heuristic."""
+    """The tuned config for this shape and batch, else the heuristic (see :func:`pick_tuned`)."""
     if device.type != "cuda":
         return INTERPRETER
     tuned = _load(device_file(device))
-    # Formats not tuned for this shape borrow the int4 tiles (same loops, other bytes per weight).
-    table = tuned.get(shape_key(fmt, e, h, inter, top_k)) or tuned.get(shape_key("int4", e, h, inter, top_k))
-    if table:
-        sizes = sorted(int(t) for t in table)
-        pick = next((t for t in sizes if t >= tokens), sizes[-1])
-        return MoEConfig.from_json(table[str(pick)])
-    return default_moe_config(fmt, e, h, inter, top_k, tokens)
+    found = pick_tuned(tuned, fmt, e, h, inter, top_k, tokens)
+    return found if found is not None else default_moe_config(fmt, e, h, inter, top_k, tokens)
+
+
+def pick_tuned(tuned: dict, fmt: str, e: int, h: int, inter: int, top_k: int, tokens: int) -> MoEConfig | None:
+    """The config of the smallest tuned batch at or above ``tokens`` for this format, else for int4
+    (formats not tuned at a size borrow the int4 tiles: same loops, other bytes per weight); None
+    past the largest tuned batch of both."""
+    for key in dict.fromkeys((shape_key(fmt, e, h, inter, top_k), shape_key("int4", e, h, inter, top_k))):
+        table = tuned.get(key, {})
+        pick = min((int(t) for t in table if int(t) >= tokens), default=None)
+        if pick is not None:
+            return MoEConfig.from_json(table[str(pick)])
+    return None
