@@ -12,11 +12,13 @@ round-to-nearest run on the GPU. Served through ``launch_enhanced_server.py``:
 * ``bf16-untracked`` as ``bf16`` without ``--enable-expert-tracking``.
 
 Servers are started one after another (the next once the previous is ready), so SGLang's
-"Load weight end ... mem usage" line of each is read while no other server allocates. Output tokens/s come from SGLang's own ``bench_serving`` (random token ids,
-``--random-input-len`` / ``--random-output-len`` fixed, ``--max-concurrency`` 1, 8 and 64,
-all requests at once), run in this process once per (server, concurrency). The tracked and
-untracked bf16 servers take turns at concurrency 1 and 64 for ``--rounds`` rounds (the server
-not measuring is idle); the ratio is of the per-setting medians.
+"Load weight end ... mem usage" line of each is read while no other server allocates. Output
+tokens/s come from SGLang's own ``bench_serving`` (random token ids, ``--random-input-len`` /
+``--random-output-len`` fixed, ``--max-concurrency`` 1, 8 and 64, all requests at once), run
+in this process once per (server, concurrency). The tracked and untracked bf16 servers each
+run once unmeasured at concurrency 1 and 64 (Triton compiles kernels for batch shapes it first
+meets), then take turns there for ``--rounds`` rounds (the server not measuring is idle); the
+ratio is of the per-setting medians. ``--tracking-only`` starts those two servers alone.
 
     python benchmarks/bench_served_gpu.py --workdir /tmp/q3 --out results/ [--layers 4]
 
@@ -174,7 +176,7 @@ def write_configs(work: Path, bf16: Path, int4: Path) -> dict[str, Path]:
 
 
 def start_in_turn(server_mod, bf16: Path, configs: dict[str, Path], logs: Path, timeout: float,
-                  servers: dict) -> None:
+                  servers: dict, tracking_only: bool = False) -> None:
     """Start each server into ``servers`` once the one before is ready (graphs captured, warm-up done).
 
     A server whose port was taken before it bound it (another server's internal port) is started
@@ -182,6 +184,8 @@ def start_in_turn(server_mod, bf16: Path, configs: dict[str, Path], logs: Path, 
     """
     plan = [("bf16", configs["bf16"], True), ("int4-decoded", configs["int4-decoded"], True),
             ("int4-packed", configs["int4-packed"], True), ("bf16-untracked", configs["bf16"], False)]
+    if tracking_only:
+        plan = [entry for entry in plan if entry[1] == configs["bf16"]]
     for name, config, tracking in plan:
         extra = (*SERVER_ARGS, *(("--enable-expert-tracking",) if tracking else ()))
         for attempt in range(3):
@@ -240,6 +244,8 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="tracking on/off turns at concurrency 1 and 64")
+    parser.add_argument("--tracking-only", action="store_true",
+                        help="only the tracked and untracked bf16 servers (the on/off ratio)")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds for one server to start")
     parser.add_argument("--build-only", action="store_true", help="build the checkpoints, start no server")
     args = parser.parse_args()
@@ -277,7 +283,7 @@ def main() -> None:
     servers: dict = {}
     try:
         t = time.perf_counter()
-        start_in_turn(server_mod, bf16, configs, logs, args.timeout, servers)
+        start_in_turn(server_mod, bf16, configs, logs, args.timeout, servers, args.tracking_only)
         timings["servers_s"] = time.perf_counter() - t
         for name, srv in servers.items():
             results["weights_gib"][name] = weights_gib(srv)
@@ -290,14 +296,19 @@ def main() -> None:
         def run(name: str, c: int, tag: str) -> float:
             value = bench_serving(servers[name].base_url, bf16, c, prompts[c], args.input_len, args.output_len,
                                   out / f"bench-{name}-c{c}-{tag}.jsonl")
-            results["tok_s"].setdefault(f"{name}@{c}", []).append(value)
+            if tag != "warm-up":
+                results["tok_s"].setdefault(f"{name}@{c}", []).append(value)
             print(f"{name} concurrency {c} ({tag}): {value:.1f} output tok/s", flush=True)
             return value
 
-        for c in (1, 8, 64):
-            run("int4-decoded", c, "0")
-            run("int4-packed", c, "0")
-        run("bf16", 8, "0")
+        if not args.tracking_only:
+            for c in (1, 8, 64):
+                run("int4-decoded", c, "0")
+                run("int4-packed", c, "0")
+            run("bf16", 8, "0")
+        for c in (1, 64):  # first sight of these batch shapes compiles Triton kernels: not measured
+            for name in ("bf16", "bf16-untracked"):
+                run(name, c, "warm-up")
         for r in range(args.rounds):
             for c in (1, 64):
                 order = ("bf16", "bf16-untracked") if r % 2 == 0 else ("bf16-untracked", "bf16")

@@ -41,6 +41,7 @@ from sglang.srt.enhanced.moe_tracker.stats import (
     load_balance_by_layer,
     request_expert_use,
 )
+from sglang.srt.enhanced.moe_tracker.surfaces.asgi import before_each_request
 from sglang.srt.enhanced.moe_tracker.surfaces.dashboard import serve_dashboard
 from sglang.srt.enhanced.moe_tracker.surfaces.requests import RequestLog, record_finished_requests
 from sglang.srt.enhanced.settings import LaunchSettings
@@ -187,11 +188,11 @@ def add_expert_stats_routes(app: FastAPI, server_args: Any, state_dir: Path) -> 
         window = LaunchSettings.from_env().expert_window_passes
         add_metrics_refresh(app, service.snapshot, window or None)
 
-    @app.middleware("http")
-    async def record_requests(request: Request, call_next):  # noqa: ANN001, ANN202
+    async def record_requests(_path: str) -> None:
         # The tokenizer manager exists once the server runs; hook it before the first
         # request is handled (SGLang's own warm-up request included).
         record_finished_requests(ExpertStatsService._tokenizer_manager(), log)
-        return await call_next(request)
+
+    before_each_request(app, record_requests)
 
     return service

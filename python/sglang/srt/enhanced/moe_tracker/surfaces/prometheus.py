@@ -14,12 +14,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.moe_tracker.exchange import StatsQuery
 from sglang.srt.enhanced.moe_tracker.snapshot import PHASES, TrackerSnapshot
 from sglang.srt.enhanced.moe_tracker.stats import load_balance
+from sglang.srt.enhanced.moe_tracker.surfaces.asgi import before_each_request
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +73,13 @@ def add_metrics_refresh(
     """Refresh the expert counters and balance gauges (last ``window`` passes) before ``/metrics`` answers."""
     state: dict[str, Any] = {}
 
-    @app.middleware("http")
-    async def refresh_expert_metrics(request: Request, call_next):  # noqa: ANN001, ANN202
-        if request.url.path.startswith("/metrics"):
+    async def refresh_expert_metrics(path: str) -> None:
+        if path.startswith("/metrics"):
             try:
                 snap = await snapshot(StatsQuery(window=window))
                 metrics = state.get("metrics") or state.setdefault("metrics", ExpertMetrics())
                 metrics.update(snap)
             except EnhancedError as e:
                 logger.warning("expert metrics not refreshed: %s", e)
-        return await call_next(request)
+
+    before_each_request(app, refresh_expert_metrics)
