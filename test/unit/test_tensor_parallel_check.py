@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,14 +92,14 @@ def demo_packed(demo_checkpoints):
     """Units of the shipped config's weights if served packed: GPTQ 4-bit groups of 32, FP8 blocks of 32 x 32."""
     from sglang.srt.enhanced.config import EnhancedConfig
     from sglang.srt.enhanced.launch import packed_units
+    from sglang.srt.enhanced.mixed_precision.serving.layout import build_layout
     from sglang.srt.enhanced.mixed_precision.sglang_loader import prepare_plan
 
     shipped = Path(__file__).resolve().parents[2] / "mixed_precision_config.yaml"
     config = EnhancedConfig.from_yaml(shipped, model_path=demo_checkpoints["bf16"])
     plan, sources = prepare_plan(config, torch.bfloat16)
     try:
-        packed, decoded = (packed_units(SimpleNamespace(mixed_precision=SimpleNamespace(serve=serve)), plan, sources)
-                           for serve in ("packed", "decoded"))
+        packed, decoded = (packed_units(build_layout(plan, sources, serve)) for serve in ("packed", "decoded"))
     finally:
         for source in {id(s): s for s in sources.values()}.values():
             source.close()
@@ -155,3 +154,28 @@ def test_tp_size_below_one_is_refused(tiny_model_factory) -> None:
     config, shapes = model_of(tiny_model_factory, "qwen2_moe")
     with pytest.raises(EnhancedError):
         check_tensor_parallel(0, config, shapes)
+
+
+def test_only_modules_served_packed_have_packed_units(demo_checkpoints, tmp_path) -> None:
+    """An int4 ``q_proj`` beside bf16 ``k_proj`` / ``v_proj`` makes ``qkv_proj`` decoded: cut as floats."""
+    import yaml
+
+    from sglang.srt.enhanced.config import EnhancedConfig
+    from sglang.srt.enhanced.launch import packed_units
+    from sglang.srt.enhanced.mixed_precision.serving.layout import build_layout
+    from sglang.srt.enhanced.mixed_precision.sglang_loader import prepare_plan
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "mixed_precision_config.yaml").read_text())
+    data["mixed_precision"].update({f"{p}_path": str(path) for p, path in demo_checkpoints.items()}, serve="packed")
+    data["mixed_precision"]["weight_mapping"]["model.layers.0.self_attn.q_proj.weight"] = "int4"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    config = EnhancedConfig.from_yaml(tmp_path / "config.yaml", model_path=demo_checkpoints["bf16"])
+    plan, sources = prepare_plan(config, torch.bfloat16)
+    try:
+        layout = build_layout(plan, sources, "packed")
+        units = packed_units(layout)
+    finally:
+        sources.close()
+    assert layout.modules["model.layers.0.self_attn.qkv_proj"].method == "decoded"
+    assert not any(".self_attn." in name for name in units)
+    assert "model.layers.0.mlp.experts.0.down_proj.weight" in units  # the packed modules keep theirs

@@ -14,18 +14,18 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sglang.srt.enhanced.config import EnhancedConfig, Precision, resolve_path
+from sglang.srt.enhanced.config import EnhancedConfig, resolve_path
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.launch_checks import check_launch, check_model_folder
 from sglang.srt.enhanced.settings import LaunchSettings
 
 if TYPE_CHECKING:
     from sglang.srt.enhanced.mixed_precision.plan import LoadPlan
-    from sglang.srt.enhanced.mixed_precision.sources import CheckpointSource
+    from sglang.srt.enhanced.mixed_precision.serving.layout import ServingLayout
     from sglang.srt.enhanced.tensor_parallel import PackedUnits
 
 logger = logging.getLogger(__name__)
@@ -164,15 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _launch(args: argparse.Namespace, explicit: set[str]) -> int:
     from sglang.srt.enhanced.mixed_precision.plan import format_plan
-    from sglang.srt.enhanced.mixed_precision.serving.layout import build_layout, format_layout
-    from sglang.srt.enhanced.mixed_precision.sources import open_sources
+    from sglang.srt.enhanced.mixed_precision.serving.layout import format_layout
     from sglang.srt.enhanced.wiring import EnhancedServerLoader
 
     _check_tracking_sizes(args)
     config_path = resolve_path(args.config) if args.config else None
-    config, plan = check_setup(args, explicit, config_path)
-    with open_sources(config) as sources:
-        layout = build_layout(plan, sources, config.mixed_precision.serve)
+    config, plan, layout = check_setup(args, explicit, config_path)
     if args.plan:
         print(format_plan(plan))
         if args.tensor_parallel_size > 1:
@@ -232,8 +229,7 @@ def _state_folder() -> Path:
     return state_dir
 
 
-def check_tp_size(tp_size: int, model_path: Path, config: EnhancedConfig, plan: LoadPlan,
-                  sources: Mapping[Precision, CheckpointSource]) -> None:
+def check_tp_size(tp_size: int, model_path: Path, layout: ServingLayout) -> None:
     """Refuse a ``--tp-size`` that does not divide the model (heads, intermediate sizes, packed units).
 
     Shapes come from the ``--model`` checkpoint's header; nothing is read or loaded.
@@ -249,33 +245,34 @@ def check_tp_size(tp_size: int, model_path: Path, config: EnhancedConfig, plan: 
         shapes = {name: model.shape(name) for name in model.stored_names}
     finally:
         model.close()
-    check_tensor_parallel(tp_size, hf_config, shapes, packed_units(config, plan, sources))
+    check_tensor_parallel(tp_size, hf_config, shapes, packed_units(layout))
 
 
-def packed_units(config: EnhancedConfig, plan: LoadPlan,
-                 sources: Mapping[Precision, CheckpointSource]) -> dict[str, PackedUnits]:
-    """The units each weight served packed is cut in (none while weights are decoded while loading)."""
+def packed_units(layout: ServingLayout) -> dict[str, PackedUnits]:
+    """The units each weight the layout serves packed is cut in, by weight name (none for decoded modules)."""
     import math
 
+    from sglang.srt.enhanced.mixed_precision.formats.fp8 import FP8Scale
     from sglang.srt.enhanced.mixed_precision.packing import block_shape
     from sglang.srt.enhanced.tensor_parallel import PackedUnits
 
-    if getattr(config.mixed_precision, "serve", "decoded") != "packed":
-        return {}
-    units: dict[Precision, PackedUnits] = {}
-    gptq = getattr(sources.get(Precision.INT4), "decoder", None)
-    if gptq is not None and hasattr(gptq, "settings"):
-        s = gptq.settings
-        word, _ = block_shape(s.bits)
-        grouped = s.group_size > 0 and not s.desc_act
-        group = math.lcm(word, s.group_size) if grouped else word
-        units[Precision.INT4] = PackedUnits(
-            word, group, f"a {s.bits}-bit packed word block",
-            f"a quantization group of {s.group_size}" if grouped else f"a {s.bits}-bit packed word block")
-    block = getattr(getattr(sources.get(Precision.FP8), "decoder", None), "weight_block_size", None)
-    if block is not None:
-        units[Precision.FP8] = PackedUnits(block[0], block[1], "an FP8 scale block", "an FP8 scale block")
-    return {entry.name: units[entry.precision] for entry in plan if entry.precision in units}
+    units: dict[str, PackedUnits] = {}
+    for module in layout.modules.values():
+        if module.method != "packed":
+            continue
+        for part in module.parts:
+            gptq, fp8 = part.format.gptq, part.format.fp8
+            if gptq is not None:
+                word, _ = block_shape(gptq.bits)
+                grouped = gptq.group_size > 0 and not gptq.desc_act
+                words = f"a {gptq.bits}-bit packed word block"
+                units[part.entry.name] = PackedUnits(
+                    word, math.lcm(word, gptq.group_size) if grouped else word, words,
+                    f"a quantization group of {gptq.group_size}" if grouped else words)
+            elif fp8 is not None and part.format.fp8_scale == FP8Scale.BLOCK and fp8.weight_block_size:
+                block = fp8.weight_block_size
+                units[part.entry.name] = PackedUnits(block[0], block[1], "an FP8 scale block", "an FP8 scale block")
+    return units
 
 
 def _model_config_json(model_path: Path) -> dict:
@@ -289,11 +286,13 @@ def _model_config_json(model_path: Path) -> dict:
 
 def check_setup(
     args: argparse.Namespace, explicit: set[str], config_path: Path | None
-) -> tuple[EnhancedConfig, LoadPlan]:
+) -> tuple[EnhancedConfig, LoadPlan, ServingLayout]:
     """Every check before a start, the same for ``--plan``: settings, folders, the plan and its tensors.
 
-    Fills the YAML's server settings and the device into ``args``; returns the config and the plan.
+    Fills the YAML's server settings and the device into ``args``; returns the config, the plan and
+    how the server will hold it (its serving layout).
     """
+    from sglang.srt.enhanced.mixed_precision.serving.layout import build_layout
     from sglang.srt.enhanced.mixed_precision.sglang_loader import load_enhanced_config, prepare_plan
 
     check_model_folder(Path(args.model_path))
@@ -304,10 +303,11 @@ def check_setup(
     check_launch(args, config, explicit, device)
     plan, sources = prepare_plan(config, _serving_dtype(args, config))
     try:
-        check_tp_size(args.tensor_parallel_size, Path(args.model_path), config, plan, sources)
+        layout = build_layout(plan, sources, config.mixed_precision.serve)
     finally:
         sources.close()
-    return config, plan
+    check_tp_size(args.tensor_parallel_size, Path(args.model_path), layout)
+    return config, plan, layout
 
 
 if __name__ == "__main__":
