@@ -55,18 +55,19 @@ class ServerProcess:
         """Wait for /health and the end of SGLang's own warm-up request; raise with the log tail otherwise."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            exited = self.proc.poll() is not None
             try:
-                healthy = requests.get(self.base_url + "/health", timeout=5).status_code == 200
+                healthy = not exited and requests.get(self.base_url + "/health", timeout=5).status_code == 200
             except requests.RequestException:
                 healthy = False
             log = self.log()
             if healthy and READY_LINE in log:
                 return self
-            if BIND_FAILED in log:
+            if BIND_FAILED in log:  # its HTTP port or a port of its TP group's rendezvous (also once exited)
                 self.stop()
                 raise PortTaken(f"port taken before the server bound it:\n{log[-2000:]}")
+            if exited:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log[-4000:]}")
             time.sleep(1.0)
         self.stop()
         raise TimeoutError(f"server not ready after {timeout:.0f}s:\n{self.log()[-4000:]}")
