@@ -18,10 +18,13 @@ from poison import poisoned  # noqa: E402, F401
 
 from sglang.srt.enhanced.errors import EnhancedError  # noqa: E402
 from sglang.srt.enhanced.mixed_precision.kernels.fused_moe import (  # noqa: E402
+    _expert_weights_f64,
     fused_moe_fp8,
     fused_moe_gptq,
     fused_moe_ref,
+    fused_moe_sets,
 )
+from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import FP8Experts  # noqa: E402
 from sglang.srt.enhanced.mixed_precision.kernels.moe_configs import GemmConfig, MoEConfig  # noqa: E402
 
 GEMV = MoEConfig("gemv", GemmConfig(32, 32), GemmConfig(32, 32, split_k=2))
@@ -158,3 +161,48 @@ def test_down_split_past_the_intermediate_size(device, poisoned):  # noqa: F811
     x = torch.randn(2, 32, generator=gen).to(torch.bfloat16).to(device)
     cfg = MoEConfig("gemv", GemmConfig(32, 32), GemmConfig(32, 16, split_k=3))
     assert rel_err(fused_moe_gptq(x, w13, w2, tw, ti, config=cfg), fused_moe_ref(x, w13, w2, tw, ti)) < 1.5e-2
+
+
+def plain_experts(gen, e, k, n, device) -> FP8Experts:
+    """bf16 experts as the mixed layer hands them to the kernels: per-channel FP8 layout with unit scales."""
+    w = (torch.randn(e, n, k, generator=gen) / k**0.5).to(torch.bfloat16).to(device)
+    return FP8Experts(weight=w, scale=torch.ones((1, 1), device=device).expand(e, n), block_size=None)
+
+
+def local_ids(topk_ids: torch.Tensor, experts: tuple[int, ...], num_experts: int) -> torch.Tensor:
+    table = torch.full((num_experts + 1,), -1, dtype=torch.int32)
+    table[list(experts)] = torch.arange(len(experts), dtype=torch.int32)
+    ids = topk_ids.long().cpu()
+    return table[torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)].to(topk_ids.device)
+
+
+@pytest.mark.parametrize("cfg", [GEMV, GEMM, None], ids=["gemv", "gemm", "tuned"])
+def test_expert_sets_in_several_formats_add_into_one_output(cfg, device, poisoned):  # noqa: F811
+    """Gate/up in int4 / FP8-block / bf16 sets, down in int4 / FP8-channel sets, one launch each, one output."""
+    gen = torch.Generator().manual_seed(11)
+    e, h, inter, t, top_k = 5, 32, 16, 6, 2
+    gate_up = {(0, 2, 4): make_gptq(gen, 3, h, 2 * inter, 4, 16, device=device),
+               (1,): make_fp8(gen, 1, h, 2 * inter, (16, 16), device=device),
+               (3,): plain_experts(gen, 1, h, 2 * inter, device)}  # fmt: skip
+    down = {(0, 1, 2): make_gptq(gen, 3, inter, h, 4, 16, device=device),
+            (3, 4): make_fp8(gen, 2, inter, h, None, device=device)}  # fmt: skip
+    tw, ti = make_routing(gen, t, e, top_k, device=device)
+    ti[t - 1, 1] = -1  # a pair of another rank
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16).to(device)
+    y = fused_moe_sets(x, [(w, local_ids(ti, ex, e)) for ex, w in gate_up.items()],
+                       [(w, local_ids(ti, ex, e)) for ex, w in down.items()], tw, config=cfg)  # fmt: skip
+
+    def global_f64(sets: dict) -> torch.Tensor:  # noqa: ANN001
+        per = {g: w for ex, s in sets.items() for g, w in zip(ex, _expert_weights_f64(s), strict=True)}
+        return torch.stack([per[g] for g in range(e)]).cpu()
+
+    w13, w2 = global_f64(gate_up), global_f64(down)
+    ref = torch.zeros(t, h, dtype=torch.float64)
+    for r in range(t):
+        for j in range(top_k):
+            g = int(ti[r, j])
+            if g < 0:
+                continue
+            gu = w13[g] @ x[r].double().cpu()
+            ref[r] += float(tw[r, j]) * (w2[g] @ (torch.nn.functional.silu(gu[:inter]) * gu[inter:]))
+    assert rel_err(y, ref) < REL_TOL[torch.bfloat16]

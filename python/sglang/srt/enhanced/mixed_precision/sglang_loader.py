@@ -129,11 +129,13 @@ def _packed_parts(quant_config: PackedQuantConfig | None) -> dict[str, tuple[str
     for assigned in quant_config.assigned.values():
         if assigned.layout is None or assigned.layout.method != "packed":
             continue
-        keep_g_idx = all(p.dtype_of("g_idx") is not None for p in assigned.layout.parts)
-        for part in assigned.layout.parts:
-            out[part.entry.name] = tuple(
-                n for n in part.entry.stored_parts if keep_g_idx or not n.endswith(".g_idx")
-            )
+        groups = [s.layout.parts for s in assigned.layout.expert_sets] or [assigned.layout.parts]
+        for parts in groups:
+            keep_g_idx = all(p.dtype_of("g_idx") is not None for p in parts)
+            for part in parts:
+                out[part.entry.name] = tuple(
+                    n for n in part.entry.stored_parts if keep_g_idx or not n.endswith(".g_idx")
+                )
     return out
 
 

@@ -10,10 +10,14 @@ Two kernel shapes, chosen by batch size (``moe_configs.pick_moe_config``):
   core products on weight tiles decoded in registers.
 
 Both accumulate in float32. The gate/up kernel also clears the float32 output that the down
-kernel adds into (atomically); the result is cast to the activation dtype at the end.
+kernel adds into (atomically); the result is cast to the activation dtype at the end. A layer
+whose experts come in several formats runs one launch per format and projection
+(:func:`fused_moe_sets`), each over the pairs routed to its own experts.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -313,56 +317,107 @@ def _launch_gemm(a, out, zero, align, topk_w, w, n, k, pairs, top_k, block_m, cf
     )  # fmt: skip
 
 
-def _check_moe(x, w13, w2, topk_weights, topk_ids, activation) -> tuple[int, int, int]:
+RoutedExperts = tuple["GPTQExperts | FP8Experts", torch.Tensor]  # stacked experts and their local ids [T, top_k]
+
+
+def _num_experts(w: GPTQExperts | FP8Experts) -> int:
+    return w.qweight.shape[0] if isinstance(w, GPTQExperts) else w.weight.shape[0]
+
+
+def _config_format(w: GPTQExperts | FP8Experts) -> str:
+    if isinstance(w, GPTQExperts):
+        return f"int{w.bits}"
+    return "fp8_block" if w.block_size is not None else "fp8_channel"
+
+
+def _check_moe(x, gate_up: Sequence[RoutedExperts], down: Sequence[RoutedExperts], topk_weights, activation
+               ) -> tuple[int, int]:  # fmt: skip
     if activation not in ACTIVATIONS:
         raise EnhancedError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}",
                             culprit="activation")  # fmt: skip
     if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise EnhancedError(f"x must be 2-D fp16/bf16/fp32, got {tuple(x.shape)} {x.dtype}", culprit="x")
-    e, h = w13.qweight.shape[0] if isinstance(w13, GPTQExperts) else w13.weight.shape[0], x.shape[1]
-    two_i = w13.out_features
-    if w13.in_features != h or two_i % 2 or w2.in_features != two_i // 2 or w2.out_features != h:
-        raise EnhancedError(
-            f"expert shapes do not fit hidden size {h}: w13 [{w13.in_features} -> {two_i}], "
-            f"w2 [{w2.in_features} -> {w2.out_features}]",
-            culprit="w13",
-        )
-    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
-        raise EnhancedError(
-            f"topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} do not match "
-            f"{x.shape[0]} tokens",
-            culprit="topk_ids",
-        )
+    if not gate_up or not down:
+        raise EnhancedError("at least one gate/up and one down expert set are needed", culprit="w13")
+    h = x.shape[1]
+    two_i = gate_up[0][0].out_features
+    for w13, _ in gate_up:
+        for w2, _ in down:
+            if (w13.in_features != h or w13.out_features != two_i or two_i % 2 or w2.in_features != two_i // 2
+                    or w2.out_features != h):
+                raise EnhancedError(
+                    f"expert shapes do not fit hidden size {h}: w13 [{w13.in_features} -> {w13.out_features}], "
+                    f"w2 [{w2.in_features} -> {w2.out_features}]",
+                    culprit="w13",
+                )
+    for _, ids in (*gate_up, *down):
+        if ids.shape != topk_weights.shape or ids.dim() != 2 or ids.shape[0] != x.shape[0]:
+            raise EnhancedError(
+                f"topk_ids {tuple(ids.shape)} / topk_weights {tuple(topk_weights.shape)} do not match "
+                f"{x.shape[0]} tokens",
+                culprit="topk_ids",
+            )
     if not x.is_cuda and not _is_interpreted():
         raise EnhancedError("the fused MoE kernels need CUDA tensors or TRITON_INTERPRET=1 set before import",
                             culprit="x")  # fmt: skip
-    return e, h, two_i // 2
+    return h, two_i // 2
 
 
-def _fused_moe(x, w13, w2, topk_weights, topk_ids, activation, out, config: MoEConfig | None, fmt: str):
-    e, h, inter = _check_moe(x, w13, w2, topk_weights, topk_ids, activation)
-    t, top_k = topk_ids.shape
+def fused_moe_sets(
+    x: torch.Tensor,
+    gate_up: Sequence[RoutedExperts],
+    down: Sequence[RoutedExperts],
+    topk_weights: torch.Tensor,
+    *,
+    activation: str = "silu",
+    out: torch.Tensor | None = None,
+    config: MoEConfig | None = None,
+) -> torch.Tensor:
+    """Fused MoE over experts held in several stacked sets (one per format), one launch per set and projection.
+
+    Each set comes with its own ``[T, top_k]`` ids: a pair's expert index inside that set, or
+    an id outside ``[0, E_set)`` (e.g. -1) where the set does not hold the pair's expert. All
+    gate/up launches write one pair-indexed intermediate, then all down launches add into one
+    float32 accumulator; a pair held by no set contributes nothing. No host synchronisation.
+    ``config`` overrides the tuned choice for every set.
+    """
+    h, inter = _check_moe(x, gate_up, down, topk_weights, activation)
+    t, top_k = topk_weights.shape
     result = out if out is not None else torch.empty((t, h), dtype=x.dtype, device=x.device)
     if t == 0:
         return result
-    cfg = config or pick_moe_config(fmt, e, h, inter, top_k, t, x.device)
     act = ACTIVATIONS[activation]
     x = x.contiguous()
-    topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()
-    acc = torch.empty((t, h), dtype=torch.float32, device=x.device)  # cleared by the gate/up kernel
+    gate_up = [(w, ids.contiguous()) for w, ids in gate_up]
+    down = [(w, ids.contiguous()) for w, ids in down]
+    acc = torch.empty((t, h), dtype=torch.float32, device=x.device)  # cleared by the first gate/up launch
     mid = torch.empty((t * top_k, inter), dtype=x.dtype, device=x.device)
-    if cfg.path == "gemv":
-        _launch_gemv(x, mid, acc, topk_ids, topk_weights, w13, inter, h, e, top_k, cfg.up, True, act)
-        _launch_gemv(mid, acc, acc, topk_ids, topk_weights, w2, h, inter, e, top_k, cfg.down, False, act)
-    else:
-        align = moe_align_block_size(topk_ids, cfg.block_m, e)
-        pairs = t * top_k
-        _launch_gemm(x, mid, acc, align, topk_weights, w13, inter, h, pairs, top_k, cfg.block_m, cfg.up, True, act)
-        _launch_gemm(mid, acc, acc, align, topk_weights, w2, h, inter, pairs, top_k, cfg.block_m, cfg.down, False,
-                     act)  # fmt: skip
+    pairs = t * top_k
+    aligned: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for gated, sets in ((True, gate_up), (False, down)):
+        n, k = (inter, h) if gated else (h, inter)
+        a, dest = (x, mid) if gated else (mid, acc)
+        for i, (w, ids) in enumerate(sets):
+            zero = acc if gated and i == 0 else acc[:0]
+            e = _num_experts(w)
+            cfg = config or pick_moe_config(_config_format(w), e, h, inter, top_k, t, x.device)
+            tile = cfg.up if gated else cfg.down
+            if cfg.path == "gemv":
+                _launch_gemv(a, dest, zero, ids, topk_weights, w, n, k, e, top_k, tile, gated, act)
+            else:
+                key = (id(ids), cfg.block_m, e)  # a set's gate/up and down launches share one alignment
+                if key not in aligned:
+                    aligned[key] = moe_align_block_size(ids, cfg.block_m, e)
+                align = aligned[key]
+                _launch_gemm(a, dest, zero, align, topk_weights, w, n, k, pairs, top_k, cfg.block_m, tile, gated, act)
     result.copy_(acc)
     return result
+
+
+def _fused_moe(x, w13, w2, topk_weights, topk_ids, activation, out, config: MoEConfig | None):
+    ids = topk_ids.contiguous()
+    return fused_moe_sets(x, [(w13, ids)], [(w2, ids)], topk_weights, activation=activation, out=out, config=config)
 
 
 def fused_moe_gptq(
@@ -381,7 +436,7 @@ def fused_moe_gptq(
     ``w13``: gate then up stacked along the output dim (``[E, H*bits/32, 2I]``); ``w2``: ``[E, I*bits/32, H]``.
     Pairs routed to experts outside ``[0, E)`` contribute nothing. ``config`` overrides the tuned choice.
     """
-    return _fused_moe(x, w13, w2, topk_weights, topk_ids, activation, out, config, f"int{w13.bits}")
+    return _fused_moe(x, w13, w2, topk_weights, topk_ids, activation, out, config)
 
 
 def fused_moe_fp8(
@@ -396,8 +451,7 @@ def fused_moe_fp8(
     config: MoEConfig | None = None,
 ) -> torch.Tensor:
     """:func:`fused_moe_gptq` for FP8 e4m3 experts (``w13 [E, 2I, H]``, ``w2 [E, H, I]``)."""
-    fmt = "fp8_block" if w13.block_size is not None else "fp8_channel"
-    return _fused_moe(x, w13, w2, topk_weights, topk_ids, activation, out, config, fmt)
+    return _fused_moe(x, w13, w2, topk_weights, topk_ids, activation, out, config)
 
 
 def _expert_weights_f64(w: GPTQExperts | FP8Experts) -> torch.Tensor:

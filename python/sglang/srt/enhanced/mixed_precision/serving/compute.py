@@ -8,6 +8,12 @@
 * elsewhere (the CPU server of CI): the torch references decode what the call needs (for
   MoE only the experts the tokens were routed to) in the serving dtype, then matmul.
 
+A FusedMoE whose experts come in several formats holds one stacked set per format and slot
+(:class:`MixedExperts`): the fused kernels run once per set over the pairs routed to its
+experts (routing ids remapped to set-local ones on the device, -1 elsewhere: no host sync);
+bf16 experts go through the per-channel FP8 kernel path with unit scales (its tiles read any
+float dtype). The CPU loop decodes each routed expert from its own set.
+
 The expert loop mirrors SGLang's torch-native MoE (tokens sorted by expert, ``F.linear``,
 the activation-and-multiply, weights combined in the routing weights' dtype), so a packed
 MoE layer gives the decoded layer's numbers up to matmul blocking.
@@ -28,7 +34,8 @@ from sglang.srt.enhanced.mixed_precision.packing import block_shape
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOOP_FROM_TOKENS", "FP8Weights", "GPTQWeights", "moe_forward", "packed_linear"]
+__all__ = ["LOOP_FROM_TOKENS", "FP8Weights", "GPTQWeights", "MixedExperts", "PlainWeights", "moe_forward",
+           "packed_linear"]
 
 # From this many tokens on (outside CUDA-graph capture) a CUDA MoE call decodes each routed expert
 # once and multiplies its tokens with cuBLAS instead of calling the fused kernels, whose large-batch
@@ -109,7 +116,74 @@ class FP8Weights:
         return dequant_fp8_scaled(self.weight, self.scale.reshape(*self.scale.shape, 1), dtype)
 
 
+@dataclass(frozen=True)
+class PlainWeights:
+    """Unquantized stacked experts ``[E, N, K]`` (the bf16 experts of a mixed layer).
+
+    ``unit_scale`` is one float32 1.0 viewed as ``[E, N]`` (stride 0): the per-channel scale
+    with which the FP8 kernels multiply these weights unchanged.
+    """
+
+    weight: torch.Tensor
+    unit_scale: torch.Tensor
+
+    @classmethod
+    def loaded(cls, weight: torch.Tensor) -> PlainWeights:
+        one = torch.ones((1, 1), dtype=torch.float32, device=weight.device)
+        return cls(weight, one.expand(*weight.shape[:-1]))
+
+    def expert(self, e: int) -> PlainWeights:
+        return PlainWeights(self.weight[e], self.unit_scale[e])
+
+    def decode(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype)
+
+
 Weights = GPTQWeights | FP8Weights
+
+
+@dataclass(frozen=True)
+class MixedExperts:
+    """One slot (``w13`` or ``w2``) of a FusedMoE whose experts come in several formats.
+
+    ``sets[s]`` stacks the experts ``experts[s]`` (global ids, ascending); ``local_ids[s, e]``
+    (int32, on the weights' device) is expert ``e``'s index in set ``s`` or -1, and column
+    ``num_experts`` is -1 for ids outside the layer (experts of another rank).
+    """
+
+    sets: tuple[Weights | PlainWeights, ...]
+    experts: tuple[tuple[int, ...], ...]
+    local_ids: torch.Tensor
+    num_experts: int
+
+    @classmethod
+    def build(cls, sets: tuple[Weights | PlainWeights, ...], experts: tuple[tuple[int, ...], ...],
+              num_experts: int, device: torch.device) -> MixedExperts:
+        table = torch.full((len(sets), num_experts + 1), -1, dtype=torch.int32)
+        for s, ids in enumerate(experts):
+            table[s, list(ids)] = torch.arange(len(ids), dtype=torch.int32)
+        return cls(sets, experts, table.to(device), num_experts)
+
+    def expert(self, e: int) -> Weights | PlainWeights:
+        for s, ids in enumerate(self.experts):
+            if e in ids:
+                return self.sets[s].expert(ids.index(e))
+        raise EnhancedError(f"expert {e} is in none of this layer's expert sets", culprit=f"expert {e}")
+
+    def set_ids(self, s: int, topk_ids: torch.Tensor) -> torch.Tensor:
+        """``topk_ids`` as set ``s``'s local indices, -1 for pairs routed elsewhere (device ops only)."""
+        ids = topk_ids.to(torch.int64)
+        inside = (ids >= 0) & (ids < self.num_experts)
+        return self.local_ids[s][torch.where(inside, ids, self.num_experts)]
+
+
+Experts = Weights | PlainWeights | MixedExperts
+
+
+def _num_experts(w: Experts) -> int:
+    if isinstance(w, MixedExperts):
+        return w.num_experts
+    return w.qweight.shape[0] if isinstance(w, GPTQWeights) else w.weight.shape[0]
 
 
 def _fused_kernels() -> tuple[ModuleType, ModuleType, ModuleType] | None:
@@ -121,10 +195,12 @@ def _fused_kernels() -> tuple[ModuleType, ModuleType, ModuleType] | None:
     return fused_moe, packed_linear, packed_weights
 
 
-def _kernel_weights(w: Weights, packed_weights: ModuleType):  # noqa: ANN202 - the kernels' dataclasses
+def _kernel_weights(w: Weights | PlainWeights, packed_weights: ModuleType):  # noqa: ANN202 - the kernels' types
     """The kernels' description of ``w``, or None when they cannot take it."""
     if isinstance(w, FP8Weights):
         return packed_weights.FP8Experts(weight=w.weight, scale=w.scale, block_size=w.block_size)
+    if isinstance(w, PlainWeights):
+        return packed_weights.FP8Experts(weight=w.weight, scale=w.unit_scale, block_size=None)
     single = w.single_g_idx()
     if single is False:
         if w.g_idx is None or w.g_idx.dim() != 3 or w.g_idx.shape[1] != 2:
@@ -149,10 +225,24 @@ def packed_linear(x: torch.Tensor, w: Weights, bias: torch.Tensor | None) -> tor
     return F.linear(x, w.decode(x.dtype), bias)
 
 
+def _kernel_sets(w: Experts, topk_ids: torch.Tensor, packed_weights: ModuleType) -> list | None:
+    """``[(kernel weights, ids)]`` of one slot (one entry per expert set), or None when a set does not fit."""
+    if isinstance(w, MixedExperts):
+        out = []
+        for s, weights in enumerate(w.sets):
+            kw = _kernel_weights(weights, packed_weights)
+            if kw is None:
+                return None
+            out.append((kw, w.set_ids(s, topk_ids)))
+        return out
+    kw = _kernel_weights(w, packed_weights)
+    return None if kw is None else [(kw, topk_ids)]
+
+
 def moe_forward(
     x: torch.Tensor,
-    w13: Weights,
-    w2: Weights,
+    w13: Experts,
+    w2: Experts,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     activation: str,
@@ -164,19 +254,18 @@ def moe_forward(
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if x.is_cuda and (capturing or x.shape[0] < LOOP_FROM_TOKENS):
         kernels = _fused_kernels()
-        if kernels is not None and type(w13) is type(w2):
+        if kernels is not None:
             fused, _, packed_weights = kernels
-            k13, k2 = _kernel_weights(w13, packed_weights), _kernel_weights(w2, packed_weights)
+            ids = topk_ids.to(torch.int32)
+            k13, k2 = _kernel_sets(w13, ids, packed_weights), _kernel_sets(w2, ids, packed_weights)
             if k13 is not None and k2 is not None:
-                fn = fused.fused_moe_fp8 if isinstance(w13, FP8Weights) else fused.fused_moe_gptq
-                return fn(x, k13, k2, topk_weights.to(torch.float32), topk_ids.to(torch.int32),
-                          activation=activation)
+                return fused.fused_moe_sets(x, k13, k2, topk_weights.to(torch.float32), activation=activation)
     if capturing:
         return _moe_every_expert(x, w13, w2, topk_weights, topk_ids, activation)
     return _moe_expert_loop(x, w13, w2, topk_weights, topk_ids, activation)
 
 
-def _expert_mlp(tokens: torch.Tensor, w13: Weights, w2: Weights, expert: int, activation: str) -> torch.Tensor:
+def _expert_mlp(tokens: torch.Tensor, w13: Experts, w2: Experts, expert: int, activation: str) -> torch.Tensor:
     gate_up = F.linear(tokens, w13.expert(expert).decode(tokens.dtype))
     half = gate_up.shape[-1] // 2
     gate = gate_up[..., :half]
@@ -185,18 +274,18 @@ def _expert_mlp(tokens: torch.Tensor, w13: Weights, w2: Weights, expert: int, ac
 
 
 def _moe_every_expert(
-    x: torch.Tensor, w13: Weights, w2: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str
+    x: torch.Tensor, w13: Experts, w2: Experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str
 ) -> torch.Tensor:
     """Capture-safe (no host sync): every expert runs on every token, weighted by its routing weight (0 if unrouted)."""
     out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
-    for expert in range(w13.qweight.shape[0] if isinstance(w13, GPTQWeights) else w13.weight.shape[0]):
+    for expert in range(_num_experts(w13)):
         weight = (topk_weights * (topk_ids == expert)).sum(dim=-1, keepdim=True).to(torch.float32)
         out += weight * _expert_mlp(x, w13, w2, expert, activation).to(torch.float32)
     return out.to(x.dtype)
 
 
 def _moe_expert_loop(
-    x: torch.Tensor, w13: Weights, w2: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str
+    x: torch.Tensor, w13: Experts, w2: Experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str
 ) -> torch.Tensor:
     """Decode each routed expert's weights, then the torch-native expert computation."""
     num_tokens, top_k = topk_ids.shape

@@ -10,7 +10,11 @@ shows the same decisions the server makes:
 
 A module is served **packed** when all its parts are quantized the same way (one GPTQ
 format, or FP8 with one scale layout), **unquantized** when none is quantized, and
-**decoded** (to the serving dtype) otherwise, with the reason recorded.
+**decoded** (to the serving dtype) otherwise, with the reason recorded. A FusedMoE whose
+experts come in several formats is served packed too, as **packed-mixed**: one
+:class:`ExpertSet` per format and slot (gate+up ``w13``, down ``w2``), each stacked over its
+experts only; it is decoded only when one expert's gate and up differ (they share one fused
+weight) or a set's fused parts do not join on whole packed words.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from sglang.srt.enhanced.mixed_precision.sources import CheckpointSource
 
 __all__ = [
     "FUSED_PARTS",
+    "MIXED_METHOD",
+    "ExpertSet",
     "ModuleLayout",
     "PackedFormat",
     "PartLayout",
@@ -52,6 +58,7 @@ _EXPERT = re.compile(r"^(?P<module>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+
 ALWAYS_DECODED = frozenset({"kv_b_proj", "q_a_proj", "kv_a_proj_with_mqa", "fused_qkv_a_proj_with_mqa"})
 
 ServingMethod = Literal["packed", "unquantized", "decoded"]
+MIXED_METHOD = "packed-mixed"  # method name of a FusedMoE served as several expert sets
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,25 @@ class PartLayout:
 
 
 @dataclass(frozen=True)
+class ExpertSet:
+    """The experts of a packed-mixed FusedMoE that share one format in one slot.
+
+    ``slot`` is ``w13`` (gate and up projections) or ``w2`` (down); ``layout`` holds only
+    this set's parts (method ``packed``, or ``unquantized`` for bf16 experts); ``experts``
+    are the global expert ids in ascending order, the position of an id being its index
+    in the set's stacked tensors.
+    """
+
+    slot: Literal["w13", "w2"]
+    layout: ModuleLayout
+    experts: tuple[int, ...]
+
+    @property
+    def format_name(self) -> str:
+        return self.layout.format.name
+
+
+@dataclass(frozen=True)
 class ModuleLayout:
     """One SGLang Linear or FusedMoE module: its parts and how it is served."""
 
@@ -117,6 +143,30 @@ class ModuleLayout:
     parts: tuple[PartLayout, ...]
     method: ServingMethod
     reason: str = ""  # why a module is decoded
+    expert_sets: tuple[ExpertSet, ...] = ()  # a packed-mixed FusedMoE's sets; empty otherwise
+
+    @property
+    def is_mixed(self) -> bool:
+        return bool(self.expert_sets)
+
+    def expert_formats(self) -> dict[str, int]:
+        """Experts per format of a packed-mixed FusedMoE, most first (``gate/up A, down B`` where they differ)."""
+        of: dict[str, dict[int, str]] = {"w13": {}, "w2": {}}
+        for s in self.expert_sets:
+            of[s.slot].update(dict.fromkeys(s.experts, s.format_name))
+        counts: dict[str, int] = {}
+        for e, up in sorted(of["w13"].items()):
+            down = of["w2"].get(e, up)
+            key = up if up == down else f"gate/up {up}, down {down}"
+            counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def format_of(self, part: PartLayout) -> PackedFormat:
+        """The format ``part`` is served in: its expert set's, or the module's."""
+        for s in self.expert_sets:
+            if part in s.layout.parts:
+                return s.layout.format
+        return self.format
 
     @property
     def precisions(self) -> tuple[Precision, ...]:
@@ -132,8 +182,17 @@ class ModuleLayout:
 
     @property
     def method_name(self) -> str:
-        """``unquantized``, ``decoded`` or the packed format's name."""
-        return self.format.name if self.method == "packed" else self.method
+        """``unquantized``, ``decoded``, ``packed-mixed`` or the packed format's name."""
+        if self.method != "packed":
+            return self.method
+        return MIXED_METHOD if self.is_mixed else self.format.name
+
+    @property
+    def method_text(self) -> str:
+        """:attr:`method_name` with the expert formats of a packed-mixed module or the reason it is decoded."""
+        if self.is_mixed:
+            return f"{MIXED_METHOD} ({'; '.join(f'{n}: {c}' for n, c in self.expert_formats().items())} experts)"
+        return self.method_name + (f" ({self.reason})" if self.reason else "")
 
 
 @dataclass(frozen=True)
@@ -216,8 +275,8 @@ def build_layout(
     for name, (kind, parts) in grouped.items():
         if not any(p.format.is_quantized for p in parts):
             continue
-        method, reason = _decide(name, kind, parts, serve)
-        modules[name] = ModuleLayout(name, kind, tuple(parts), method, reason)
+        method, reason, sets = _decide(name, kind, parts, serve)
+        modules[name] = ModuleLayout(name, kind, tuple(parts), method, reason, sets)
     return ServingLayout(modules, serve)
 
 
@@ -230,18 +289,30 @@ def _logical_shape(entry: PlanEntry, source: CheckpointSource, fmt: PackedFormat
     return (int(shape[0]), int(shape[1])) if len(shape) == 2 else (int(shape[0]) if shape else 1, 1)
 
 
-def _decide(name: str, kind: str, parts: list[PartLayout], serve: str) -> tuple[ServingMethod, str]:
+def _decide(name: str, kind: str, parts: list[PartLayout], serve: str
+            ) -> tuple[ServingMethod, str, tuple[ExpertSet, ...]]:
     if serve == "decoded":
-        return "decoded", "mixed_precision.serve is decoded"
+        return "decoded", "mixed_precision.serve is decoded", ()
     if name.rpartition(".")[2] in ALWAYS_DECODED:
-        return "decoded", "the model reads this weight back after loading"
+        return "decoded", "the model reads this weight back after loading", ()
     first = parts[0].format
     if not all(p.format.is_quantized and p.format.compatible(first) for p in parts):
+        if kind == "moe":
+            return _mixed_experts(name, parts)
         precisions = sorted({str(p.entry.precision) for p in parts})
         formats = sorted({p.format.name for p in parts})
-        return "decoded", f"parts mix {', '.join(precisions)} ({', '.join(formats)})"
-    # Fused parts are concatenated along the output dim: each boundary must fall on a whole
-    # packed word (GPTQ zeros) or a whole scale block (block FP8).
+        return "decoded", f"parts mix {', '.join(precisions)} ({', '.join(formats)})", ()
+    bad = _misaligned(kind, parts)
+    return ("decoded", bad, ()) if bad else ("packed", "", ())
+
+
+def _misaligned(kind: str, parts: list[PartLayout] | tuple[PartLayout, ...]) -> str:
+    """Why fused parts of one format cannot share a packed tensor, or ``""``.
+
+    Fused parts are concatenated along the output dim: each boundary must fall on a whole
+    packed word (GPTQ zeros) or a whole scale block (block FP8).
+    """
+    first = parts[0].format
     if first.gptq is not None:
         align = block_shape(first.gptq.bits)[0]
     elif first.fp8_scale == FP8Scale.BLOCK and first.fp8 is not None and first.fp8.weight_block_size:
@@ -250,12 +321,46 @@ def _decide(name: str, kind: str, parts: list[PartLayout], serve: str) -> tuple[
         align = 1
     fused = [p for p in parts if p.shard in ("q", "k", 0, "w1")] if kind == "moe" or len(parts) > 1 else []
     bad = [p for p in fused if p.out_features % align]
-    if bad:
-        return "decoded", (
-            f"fused parts join at output feature {bad[0].out_features}, not a multiple of {align} "
-            f"({first.name} packs {align} output features together)"
-        )
-    return "packed", ""
+    if not bad:
+        return ""
+    return (f"fused parts join at output feature {bad[0].out_features}, not a multiple of {align} "
+            f"({first.name} packs {align} output features together)")
+
+
+def _format_key(fmt: PackedFormat) -> tuple[object, ...]:
+    """Formats with equal keys share one packed set (see :meth:`PackedFormat.compatible`)."""
+    return fmt.gptq, fmt.fp8, _scale_group(fmt.fp8_scale)
+
+
+def _mixed_experts(name: str, parts: list[PartLayout]) -> tuple[ServingMethod, str, tuple[ExpertSet, ...]]:
+    """The expert sets of a FusedMoE whose experts come in several formats (or why it is decoded)."""
+    grouped: dict[tuple[str, tuple[object, ...]], list[PartLayout]] = {}
+    for p in parts:
+        slot = "w2" if p.shard == "w2" else "w13"
+        grouped.setdefault((slot, _format_key(p.format)), []).append(p)
+    w13_key: dict[int, tuple[object, ...]] = {}
+    for (slot, key), members in grouped.items():
+        for p in members:
+            if slot != "w13":
+                continue
+            assert p.expert is not None
+            if w13_key.setdefault(p.expert, key) != key:
+                formats = sorted(q.format.name for q in parts if q.expert == p.expert and q.shard in ("w1", "w3"))
+                return "decoded", (
+                    f"expert {p.expert} has gate and up projections in different formats ({', '.join(formats)}); "
+                    "they share one fused weight"), ()
+    sets: list[ExpertSet] = []
+    for (slot, _key), members in grouped.items():
+        quantized = members[0].format.is_quantized
+        bad = _misaligned("moe", members) if quantized else ""
+        if bad:
+            return "decoded", bad, ()
+        experts = tuple(sorted({p.expert for p in members if p.expert is not None}))
+        ordered = tuple(sorted(members, key=lambda p: (p.expert or 0, str(p.shard))))
+        layout = ModuleLayout(name, "moe", ordered, "packed" if quantized else "unquantized")
+        sets.append(ExpertSet(slot, layout, experts))  # type: ignore[arg-type]
+    sets.sort(key=lambda s: (s.slot, -len(s.experts), s.format_name))
+    return "packed", "", tuple(sets)
 
 
 def gptq_groups(in_features: int, group_size: int) -> int:
@@ -267,7 +372,8 @@ def served_nbytes(layout: ServingLayout, plan: LoadPlan) -> dict[Precision, int]
     """Bytes in memory per precision as the layout serves the plan (TP 1), before anything is built.
 
     A packed weight keeps its stored parts (``g_idx`` only with act-order; a per-tensor FP8
-    scale grows to one per output feature); every other weight takes its decoded size.
+    scale grows to one per output feature); every other weight (bf16 experts of a
+    packed-mixed module included) takes its decoded size.
     """
     packed = {p.entry.name: (m, p) for m in layout.modules.values() if m.method == "packed" for p in m.parts}
     out: dict[Precision, int] = {}
@@ -275,8 +381,11 @@ def served_nbytes(layout: ServingLayout, plan: LoadPlan) -> dict[Precision, int]
         nbytes = entry.bytes_loaded
         if entry.name in packed:
             module, part = packed[entry.name]
-            keep_g_idx = bool(module.format.gptq and module.format.gptq.desc_act)
+            fmt = module.format_of(part)
+            keep_g_idx = bool(fmt.gptq and fmt.gptq.desc_act)
             nbytes = entry.bytes_on_disk - (0 if keep_g_idx else part.g_idx_nbytes)
+            if not part.format.is_quantized:  # a bf16 expert of a packed-mixed module: the serving dtype
+                nbytes = entry.bytes_loaded
             if part.format.fp8_scale == FP8Scale.TENSOR:
                 nbytes += (part.out_features - 1) * 4
         out[entry.precision] = out.get(entry.precision, 0) + nbytes
@@ -296,8 +405,7 @@ def format_layout(layout: ServingLayout, plan: LoadPlan) -> str:
     lines.append("")
     lines += _aligned_rows(
         ["module", "precision", "method"],
-        [[m.name, "+".join(str(p) for p in m.precisions), m.method_name + (f" ({m.reason})" if m.reason else "")]
-         for m in layout.modules.values()],
+        [[m.name, "+".join(str(p) for p in m.precisions), m.method_text] for m in layout.modules.values()],
         right=set(),
     )
     return "\n".join(lines)

@@ -7,6 +7,12 @@ tensor the way SGLang shards the float weight (:mod:`.sharding`) and places it a
 fused part. ``process_weights_after_loading`` refuses a module not completely loaded,
 drops an identity ``g_idx`` and settles the zero convention. ``apply`` goes through
 :mod:`.compute`; MoE routing is SGLang's ``select_experts``, with the layer's settings.
+
+A packed-mixed FusedMoE (experts in several formats, :class:`PackedMixedMoEMethod`) keeps
+one parameter set per expert set, stacked over that set's experts only. The first set of a
+slot to use a name takes the name the checkpoint maps to (``w13_qweight``, ``w13_weight``
+...); a later set using the same name gets a tagged one (``w13_fp8_block32x32_weight``).
+Every parameter shares one loader that sends each tensor to the set holding its expert.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.formats.fp8 import FP8Scale
 from sglang.srt.enhanced.mixed_precision.formats.gptq import is_trivial_g_idx, stored_zeros_look_v2
 from sglang.srt.enhanced.mixed_precision.packing import block_shape
+from sglang.srt.enhanced.mixed_precision.plan import PlanEntry
 from sglang.srt.enhanced.mixed_precision.serving.compute import (
     FP8Weights,
     GPTQWeights,
+    MixedExperts,
+    PlainWeights,
     moe_forward,
     packed_linear,
 )
@@ -41,7 +50,7 @@ from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoEMethodBase
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PackedLinearMethod", "PackedMoEMethod"]
+__all__ = ["PackedLinearMethod", "PackedMixedMoEMethod", "PackedMoEMethod"]
 
 
 class _Placement:
@@ -54,9 +63,11 @@ class _Placement:
 class _PackedTensors:
     """The packed parameters of one module (one set, or ``w13_`` / ``w2_`` of a FusedMoE) and their loading."""
 
-    def __init__(self, layout: ModuleLayout, prefix: str, experts: int | None) -> None:
+    def __init__(self, layout: ModuleLayout, prefix: str, experts: int | None, tag: str = "") -> None:
         self.layout = layout
         self.prefix = prefix  # "" for Linear, "w13_" / "w2_" for FusedMoE
+        self.tag = tag  # a mixed layer's set: roles in ``tagged`` register as prefix + tag + "_" + role
+        self.tagged: frozenset[str] = frozenset()
         self.experts = experts
         fmt = layout.format
         self.gptq = fmt.gptq
@@ -71,10 +82,14 @@ class _PackedTensors:
         self.rows_split = False
 
     # -- creation ------------------------------------------------------------------------------
-    def create(self, layer: nn.Module, n_local: int, k_local: int, k_full: int, bounds: list[int]) -> None:
+    def create(self, layer: nn.Module, n_local: int, k_local: int, k_full: int, bounds: list[int],
+               params_dtype: torch.dtype | None = None) -> None:
         self.bounds = tuple(bounds)
         lead = (self.experts,) if self.experts is not None else ()
         part = self.layout.parts[0]
+        if self.gptq is None and self.fp8 is None:  # the bf16 experts of a mixed layer, in the serving dtype
+            self._add(layer, "weight", (*lead, n_local, k_local), params_dtype or torch.bfloat16)
+            return
         if self.gptq is not None:
             values, words = block_shape(self.gptq.bits)
             for what, size in (("output", n_local), ("input", k_local)):
@@ -108,8 +123,17 @@ class _PackedTensors:
     def _add(self, layer: nn.Module, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         param = nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
         param.enhanced_filled = 0  # type: ignore[attr-defined]
-        layer.register_parameter(self.prefix + role, param)
+        layer.register_parameter(self.param_name(role), param)
         self.params[role] = param
+
+    def param_name(self, role: str) -> str:
+        return self.prefix + (f"{self.tag}_" if role in self.tagged else "") + role
+
+    def roles(self) -> tuple[str, ...]:
+        """The parameter roles :meth:`create` registers."""
+        if self.gptq is not None:
+            return ("qweight", "qzeros", "scales", *(("g_idx",) if self.has_g_idx else ()))
+        return ("weight", self.scale_suffix) if self.fp8 is not None else ("weight",)
 
     def role_of(self, param: nn.Parameter) -> str:
         for role, p in self.params.items():
@@ -123,7 +147,10 @@ class _PackedTensors:
         module = self.layout.name
         dest = param.data if expert is None else param.data[expert]
         n = where.out.size
-        if self.gptq is not None:
+        if self.gptq is None and self.fp8 is None:
+            piece = loaded[where.out.start : where.out.stop, where.inp.start : where.inp.stop]
+            dest = dest[where.offset : where.offset + n]
+        elif self.gptq is not None:
             piece = shard_gptq_tensor(module, role, loaded, self.gptq, out=where.out, inp=where.inp,
                                       act_order=self.act_order)
             values, words = block_shape(self.gptq.bits)
@@ -162,15 +189,17 @@ class _PackedTensors:
         param.enhanced_filled += dest.numel()  # type: ignore[attr-defined]
 
     # -- after loading -------------------------------------------------------------------------
-    def finish(self, layer: nn.Module) -> GPTQWeights | FP8Weights:
+    def finish(self, layer: nn.Module) -> GPTQWeights | FP8Weights | PlainWeights:
         """Check every parameter was filled; return the compute view of the packed weights."""
         for role, param in self.params.items():
             if param.enhanced_filled < param.numel():  # type: ignore[attr-defined]
                 raise EnhancedError(
-                    f"packed parameter {self.prefix}{role} was only partly loaded "
+                    f"packed parameter {self.param_name(role)} was only partly loaded "
                     f"({param.enhanced_filled} of {param.numel()} values)",  # type: ignore[attr-defined]
                     culprit=self.layout.name,
                 )
+        if self.gptq is None and self.fp8 is None:
+            return PlainWeights.loaded(self.params["weight"].data)
         if self.fp8 is not None:
             scale = self.params[self.scale_suffix]
             block = self.fp8.weight_block_size if self.fp8_scale == FP8Scale.BLOCK else None
@@ -178,7 +207,7 @@ class _PackedTensors:
         assert self.gptq is not None
         g_idx = self.params.get("g_idx")
         if g_idx is not None and is_trivial_g_idx(g_idx.data, self.gptq.group_size):
-            delattr(layer, self.prefix + "g_idx")
+            delattr(layer, self.param_name("g_idx"))
             del self.params["g_idx"]
             g_idx = None
         elif g_idx is not None and not self.act_order and self.rows_split:
@@ -211,6 +240,21 @@ def _part_features(layout: ModuleLayout, shard: str | int | None) -> int:
         if part.shard == shard:
             return part.out_features
     raise EnhancedError(f"no planned weight for fused part {shard!r}", culprit=layout.name)
+
+
+def _expert_placement(layer: nn.Module, layout: ModuleLayout, weight_name: str, shard_id: str
+                      ) -> tuple[str, _Placement]:
+    """``(slot, placement)`` of one expert projection (``w1``/``w3`` -> ``w13``, ``w2``) on this rank."""
+    local = layer.intermediate_size_per_partition
+    full = _part_features(layout, "w1")
+    rank = _tp_rank(layer)
+    if shard_id == "w2":
+        return "w2", _Placement(0, 0, Piece.whole(layer.hidden_size), Piece(rank * local, local, full))
+    if shard_id in ("w1", "w3"):
+        index = 0 if shard_id == "w1" else 1
+        return "w13", _Placement(index, index * local, Piece(rank * local, local, full),
+                                 Piece.whole(layer.hidden_size))
+    raise EnhancedError(f"unknown expert shard {shard_id!r}", culprit=weight_name)
 
 
 class PackedLinearMethod(LinearMethodBase):
@@ -303,19 +347,8 @@ class PackedMoEMethod(FusedMoEMethodBase):
         def weight_loader(
             param: nn.Parameter, loaded_weight: torch.Tensor, weight_name: str, shard_id: str, expert_id: int
         ) -> None:
-            local = layer.intermediate_size_per_partition
-            full = _part_features(self.layout, "w1")
-            rank = _tp_rank(layer)
-            if shard_id == "w2":
-                where = _Placement(0, 0, Piece.whole(layer.hidden_size), Piece(rank * local, local, full))
-                self.w2.place(param, loaded_weight, where, expert_id)
-            elif shard_id in ("w1", "w3"):
-                index = 0 if shard_id == "w1" else 1
-                where = _Placement(index, index * local, Piece(rank * local, local, full),
-                                   Piece.whole(layer.hidden_size))
-                self.w13.place(param, loaded_weight, where, expert_id)
-            else:
-                raise EnhancedError(f"unknown expert shard {shard_id!r}", culprit=weight_name)
+            slot, where = _expert_placement(layer, self.layout, weight_name, shard_id)
+            (self.w2 if slot == "w2" else self.w13).place(param, loaded_weight, where, expert_id)
 
         return weight_loader
 
@@ -360,3 +393,81 @@ class PackedMoEMethod(FusedMoEMethodBase):
         if routed_scaling_factor is not None and is_cuda():
             out = out * routed_scaling_factor
         return out
+
+
+class PackedMixedMoEMethod(PackedMoEMethod):
+    """FusedMoE whose experts come in several formats: one packed set per format and slot, one launch per set."""
+
+    def __init__(self, layout: ModuleLayout) -> None:
+        self.layout = layout
+        self.sets = [
+            (s, _PackedTensors(s.layout, f"{s.slot}_", len(s.experts), tag=s.format_name.replace("-", "_")))
+            for s in layout.expert_sets
+        ]
+        self.owner: dict[tuple[str, int], tuple[_PackedTensors, int]] = {
+            (s.slot, e): (tensors, i) for s, tensors in self.sets for i, e in enumerate(s.experts)
+        }
+        self.weights: tuple[MixedExperts, MixedExperts] | None = None  # type: ignore[assignment]
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        full = _part_features(self.layout, "w1")
+        for slot in ("w13", "w2"):
+            held = sorted(e for s, e in self.owner if s == slot)
+            if held != list(range(num_experts)):
+                raise EnhancedError(f"the {slot} expert sets hold experts {held}, not 0..{num_experts - 1}",
+                                    culprit=self.layout.name)
+        taken: set[str] = set()
+        loader = self._loader(layer)
+        for s, tensors in self.sets:
+            tensors.tagged = frozenset(r for r in tensors.roles() if f"{s.slot}_{r}" in taken)
+            taken.update(f"{s.slot}_{r}" for r in tensors.roles())
+            if s.slot == "w13":
+                tensors.create(layer, 2 * intermediate_size, hidden_size, hidden_size,
+                               [0, intermediate_size, 2 * intermediate_size], params_dtype)
+            else:
+                tensors.create(layer, hidden_size, intermediate_size, full, [0, hidden_size], params_dtype)
+            for param in tensors.params.values():
+                param.weight_loader = loader  # type: ignore[attr-defined]
+
+    def _loader(self, layer: nn.Module):  # noqa: ANN202
+        def weight_loader(
+            param: nn.Parameter, loaded_weight: torch.Tensor, weight_name: str, shard_id: str, expert_id: int
+        ) -> None:
+            slot, where = _expert_placement(layer, self.layout, weight_name, shard_id)
+            owner = self.owner.get((slot, int(expert_id)))
+            if owner is None:
+                raise EnhancedError(f"expert {expert_id} is in none of the {slot} expert sets", culprit=weight_name)
+            tensors, local = owner
+            role = weight_name.rpartition(".")[2].removeprefix(f"{slot}_")
+            target = tensors.params.get(role)
+            if target is None:
+                raise EnhancedError(
+                    f"expert {expert_id}'s {slot} is served as {tensors.layout.format.name}, which has no {role} "
+                    f"tensor", culprit=weight_name)
+            tensors.place(target, loaded_weight, where, local)
+
+        return weight_loader
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        slots = []
+        for slot in ("w13", "w2"):
+            members = [(s, tensors) for s, tensors in self.sets if s.slot == slot]
+            finished = tuple(tensors.finish(layer) for _, tensors in members)
+            device = next(iter(members[0][1].params.values())).device
+            slots.append(MixedExperts.build(finished, tuple(s.experts for s, _ in members), layer.num_experts, device))
+        self.weights = (slots[0], slots[1])
+
+    def entries_of(self, param_name: str) -> tuple[PlanEntry, ...]:
+        """The planned weights whose stored tensors the parameter ``param_name`` holds."""
+        for s, tensors in self.sets:
+            if any(tensors.param_name(r) == param_name for r in tensors.params):
+                return tuple(p.entry for p in s.layout.parts)
+        return ()

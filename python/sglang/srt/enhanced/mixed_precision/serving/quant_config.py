@@ -2,7 +2,8 @@
 
 SGLang asks ``get_quant_method(layer, prefix)`` of every Linear, FusedMoE, embedding and
 attention module it builds. Packed modules of the layout get :class:`PackedLinearMethod`
-/ :class:`PackedMoEMethod`; every other Linear / FusedMoE gets SGLang's own unquantized
+/ :class:`PackedMoEMethod` (:class:`PackedMixedMoEMethod` for a FusedMoE whose experts come in
+several formats); every other Linear / FusedMoE gets SGLang's own unquantized
 method (decoded modules too: their weights arrive decoded), with one warning per decoded
 module naming it, its precisions and why. Embeddings and attention keep their defaults.
 Each decision is recorded in :attr:`PackedQuantConfig.assigned` for the load report.
@@ -68,7 +69,11 @@ class PackedQuantConfig(QuantizationConfig):
         return []
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | None:
-        from sglang.srt.enhanced.mixed_precision.serving.methods import PackedLinearMethod, PackedMoEMethod
+        from sglang.srt.enhanced.mixed_precision.serving.methods import (
+            PackedLinearMethod,
+            PackedMixedMoEMethod,
+            PackedMoEMethod,
+        )
 
         if isinstance(layer, FusedMoE):
             kind, packed, unquantized = "moe", PackedMoEMethod, UnquantizedFusedMoEMethod
@@ -79,7 +84,7 @@ class PackedQuantConfig(QuantizationConfig):
         module = self.layout.find(prefix)
         if module is not None and module.kind == kind and module.method == "packed":
             self.assigned[module.name] = AssignedMethod(module.name, kind, module.method_name, module)
-            return packed(module)
+            return PackedMixedMoEMethod(module) if module.is_mixed else packed(module)
         name = module.name if module is not None else prefix
         method = "decoded" if module is not None else "unquantized"
         self.assigned[name] = AssignedMethod(name, kind, method, module)

@@ -3,8 +3,10 @@
 Every parameter is traced back to the planned weights it was loaded from: a packed
 module's parameters to its parts; a FusedMoE's ``w13_*`` / ``w2_*`` to its experts'
 gate+up / down projections; a fused Linear's ``weight`` / ``bias`` to its parts'; other
-parameters to the weight of the same name. A parameter loaded from weights of several
-precisions (a decoded mixed module) is split between them in proportion to their sizes.
+parameters to the weight of the same name; a packed-mixed FusedMoE's parameters to the
+experts of their own set. A parameter loaded from weights of several precisions (a decoded
+mixed module) is split between them in proportion to their sizes. A packed-mixed module's
+entry also lists its ``formats``: experts per format.
 Each TP rank writes its report as JSON to the launcher's state folder; the HTTP server
 sums the bytes in memory over ranks (:func:`merge_reports`).
 """
@@ -59,7 +61,11 @@ def memory_report(
     model: nn.Module, plan: LoadPlan, layout: ServingLayout, *, tp_rank: int = 0, tp_size: int = 1
 ) -> dict[str, Any]:
     """This rank's ``/mixed_precision`` report (see the README for the format)."""
-    from sglang.srt.enhanced.mixed_precision.serving.methods import PackedLinearMethod, PackedMoEMethod
+    from sglang.srt.enhanced.mixed_precision.serving.methods import (
+        PackedLinearMethod,
+        PackedMixedMoEMethod,
+        PackedMoEMethod,
+    )
     from sglang.srt.layers.linear import LinearBase
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 
@@ -74,9 +80,13 @@ def memory_report(
     for module_name, module in model.named_modules():
         method = getattr(module, "quant_method", None)
         packed = isinstance(method, (PackedLinearMethod, PackedMoEMethod))
+        mixed = isinstance(method, PackedMixedMoEMethod)
         precisions: set[Precision] = set()
         for param_name, param in module.named_parameters(recurse=False):
-            entries = by_slot.get(_slot_of_param(module_name, param_name, packed), [])
+            if mixed:
+                entries = list(method.entries_of(param_name))
+            else:
+                entries = by_slot.get(_slot_of_param(module_name, param_name, packed), [])
             nbytes = param.numel() * param.element_size()
             total = sum(e.bytes_loaded for e in entries)
             for e in entries:
@@ -90,6 +100,8 @@ def memory_report(
                 "precision": "+".join(str(p) for p in Precision if p in precisions) or "none",
                 "method": name,
             }
+            if mixed:
+                modules[module_name]["formats"] = method.layout.expert_formats()
 
     summary = plan.summary()
     precisions_out = {
