@@ -12,7 +12,6 @@ torch bf16 ``F.linear``. Every timed kernel is first checked against float64.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -189,12 +188,7 @@ def main() -> None:
     t0 = time.time()
     sg = lib.load_sglang(args.sglang_src)
     bw = lib.copy_bandwidth()
-    props = torch.cuda.get_device_properties(0)
-    import triton
-
-    card = (f"{torch.cuda.get_device_name()} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB), "
-            f"torch {torch.__version__}, triton {triton.__version__}, copy rate {bw / 1e12:.2f} TB/s, "
-            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")  # fmt: skip
+    card = lib.device_card(bw)
     print(card, flush=True)
     with open(args.out / "bench_moe.jsonl", "w") as log:
         log.write(json.dumps({"card": card}) + "\n")

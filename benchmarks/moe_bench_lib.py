@@ -150,7 +150,11 @@ def fp8_experts(e, k, n, block=(128, 128), gen=None) -> FP8Experts:
 
 
 def expert_f64(w, e: int) -> torch.Tensor:
-    """Expert ``e`` of a stacked weight in float64, ``[N, K]`` (dense, GPTQ or FP8)."""
+    """Expert ``e`` of a stacked weight in float64, ``[N, K]`` (dense, GPTQ or FP8; or a dict
+    ``global id -> (stacked weight, local index)`` for experts held in several sets)."""
+    if isinstance(w, dict):
+        stacked, local = w[e]
+        return expert_f64(stacked, local)
     if isinstance(w, torch.Tensor):
         return w[e].double()
     if isinstance(w, FP8Experts):
@@ -216,6 +220,16 @@ def graph_time_us(calls, replays: int = 10) -> float:
         times.append(a.elapsed_time(b) * 1000 / len(calls))
     del g
     return sorted(times)[len(times) // 2]
+
+
+def device_card(bw: float) -> str:
+    """One line naming the GPU, the software and the date (the head of every benchmark table)."""
+    import datetime
+
+    props = torch.cuda.get_device_properties(0)
+    return (f"{torch.cuda.get_device_name()} ({props.multi_processor_count} SMs, "
+            f"{props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, triton {triton.__version__}, "
+            f"copy rate {bw / 1e12:.2f} TB/s, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
 
 
 def copy_bandwidth() -> float:

@@ -13,8 +13,12 @@ by at most one rounding (2**-8 relative). Through these 2-layer models with logi
 4 in magnitude that moves a log-softmax by well under 0.02 (seen: identical values).
 
 The demo's packed config also maps ``q_proj`` of layer 0 to int4 (its ``qkv_proj`` then
-fuses int4 with bf16) and one expert of layer 1 to fp8 (int4 and fp8 in one FusedMoE):
-both modules are served decoded, each with one warning.
+fuses int4 with bf16: served decoded, with one warning) and gives layer 1's experts their
+own precisions (exact names and a regex): expert 0 int4 with its down projection fp8,
+expert 1 bf16 gate/up with int4 down, experts 2 and 3 fp8. That FusedMoE is served
+packed-mixed (one packed set per format and slot) and must give the decoded layer's numbers
+within the same bound: each routed expert is decoded from its own set with the same
+reference function as the decoded load, so only matmul blocking can differ.
 """
 
 from __future__ import annotations
@@ -40,7 +44,12 @@ PROMPT_IDS = list(range(3, 60, 2))
 MIXED_RULES = {
     "model.layers.0.self_attn.q_proj.weight": "int4",
     "model.layers.1.mlp.experts.0.down_proj.weight": "fp8",
+    "model.layers.1.mlp.experts.1.gate_proj.weight": "bf16",
+    "model.layers.1.mlp.experts.1.up_proj.weight": "bf16",
+    r"re:model\.layers\.1\.mlp\.experts\.[23]\.(gate|up|down)_proj\.weight": "fp8",
 }
+LAYER1_FORMATS = {"fp8-block32x32": 2, "gate/up gptq-4bit-g32, down fp8-block32x32": 1,
+                  "gate/up unquantized, down gptq-4bit-g32": 1}
 
 
 def write_config(path: Path, mapping: dict, serve: str) -> Path:
@@ -107,16 +116,19 @@ def bf16_bytes(folder: Path, names: list[str]) -> int:
 
 
 def precision_of(name: str) -> str:
-    """The demo config's rules plus the two mixed rules, applied by hand."""
+    """The demo config's rules plus the mixed rules, applied by hand."""
+    if name.startswith(("model.layers.1.mlp.experts.2.", "model.layers.1.mlp.experts.3.")):
+        return "fp8"
     return MIXED_RULES.get(name) or hand_precision(name)
 
 
 def expected_in_memory(demo: dict[str, Path], packed: bool) -> dict[str, int]:
     """Bytes per precision: packed modules keep their stored tensors, every other weight takes bf16.
 
-    Packed (in packed mode): layer 0's experts (int4: qweight, qzeros, scales; g_idx is the
-    identity order here, so it is dropped) and both shared experts (fp8: weight + block scales).
-    Decoded: layer 0's qkv_proj (int4 + bf16), layer 1's experts (int4 + fp8), all bf16 weights.
+    Packed (in packed mode): both layers' experts (int4: qweight, qzeros, scales; g_idx is the
+    identity order here, so it is dropped; fp8: weight + block scales; layer 1's bf16 expert
+    projections in bf16) and both shared experts (fp8). Decoded: layer 0's qkv_proj (int4 +
+    bf16), all bf16 weights.
     """
     with safe_open(str(demo["bf16"] / "model.safetensors"), "pt") as f:
         names = list(f.keys())
@@ -124,9 +136,9 @@ def expected_in_memory(demo: dict[str, Path], packed: bool) -> dict[str, int]:
     for name in names:
         precision = precision_of(name)
         prefix = name.removesuffix(".weight")
-        if packed and precision == "int4" and name.startswith("model.layers.0.mlp.experts."):
+        if packed and precision == "int4" and ".mlp.experts." in name:
             out["int4"] += stored_bytes(demo["int4"], [f"{prefix}.{s}" for s in ("qweight", "qzeros", "scales")])
-        elif packed and precision == "fp8" and ".shared_expert." in name:
+        elif packed and precision == "fp8" and (".shared_expert." in name or ".mlp.experts." in name):
             out["fp8"] += stored_bytes(demo["fp8"], [name, f"{prefix}.weight_scale_inv"])
         else:
             out[precision] += bf16_bytes(demo["bf16"], [name])
@@ -144,21 +156,24 @@ def test_demo_memory_report_counts_the_packed_tensors(demo_pair, demo_checkpoint
     assert modules["model.layers.0.mlp.experts"] == {"precision": "int4", "method": "gptq-4bit-g32"}
     assert modules["model.layers.1.mlp.shared_expert.gate_up_proj"] == {"precision": "fp8", "method": "fp8-block32x32"}
     assert modules["model.layers.0.self_attn.qkv_proj"] == {"precision": "bf16+int4", "method": "decoded"}
-    assert modules["model.layers.1.mlp.experts"] == {"precision": "fp8+int4", "method": "decoded"}
+    assert modules["model.layers.1.mlp.experts"] == {"precision": "bf16+fp8+int4", "method": "packed-mixed",
+                                                     "formats": LAYER1_FORMATS}
+    decoded_modules = get(decoded, "/mixed_precision")["modules"]
+    assert decoded_modules["model.layers.1.mlp.experts"] == {"precision": "bf16+fp8+int4", "method": "decoded"}
     assert modules["model.layers.1.self_attn.qkv_proj"] == {"precision": "bf16", "method": "unquantized"}
     # The route sits behind --api-key like SGLang's own.
     assert requests.get(packed.base_url + "/mixed_precision", timeout=60).status_code == 401
 
 
 def test_demo_mixed_modules_are_decoded_with_one_warning_each(demo_pair) -> None:
+    """The mixed qkv_proj is decoded (one warning); the mixed FusedMoE is served packed (no warning)."""
     packed, _ = demo_pair
     lines = packed.log().splitlines()
     qkv = [ln for ln in lines if "model.layers.0.self_attn.qkv_proj is served decoded" in ln]
-    experts = [ln for ln in lines if "model.layers.1.mlp.experts is served decoded" in ln]
     assert len(qkv) == 1 and "bf16, int4" in qkv[0]
-    assert len(experts) == 1 and "fp8, int4" in experts[0]
+    assert not [ln for ln in lines if "mlp.experts is served decoded" in ln]
     line = next(ln for ln in lines if "Mixed-precision load: serve packed," in ln)
-    assert "int4: 24 tensors" in line and "in memory" in line
+    assert "int4: 16 tensors" in line and "in memory" in line
 
 
 def test_demo_logprobs_and_greedy_completions_agree(demo_pair) -> None:

@@ -24,8 +24,8 @@ from sglang.srt.enhanced.mixed_precision.kernels.fused_moe import (  # noqa: E40
     fused_moe_ref,
     fused_moe_sets,
 )
-from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import FP8Experts  # noqa: E402
 from sglang.srt.enhanced.mixed_precision.kernels.moe_configs import GemmConfig, MoEConfig  # noqa: E402
+from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import FP8Experts  # noqa: E402
 
 GEMV = MoEConfig("gemv", GemmConfig(32, 32), GemmConfig(32, 32, split_k=2))
 GEMM = MoEConfig("gemm", GemmConfig(32, 32), GemmConfig(32, 32), block_m=16)

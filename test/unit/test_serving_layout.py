@@ -44,14 +44,36 @@ def test_demo_modules_are_packed(demo_checkpoints) -> None:  # noqa: ANN001
 
 
 def test_mixed_parts_are_decoded_with_the_reason(demo_checkpoints) -> None:  # noqa: ANN001
-    _plan, layout = demo_layout(demo_checkpoints, **{"model.layers.0.self_attn.q_proj.weight": "int4",
-                                                     "model.layers.1.mlp.experts.0.down_proj.weight": "fp8"})
+    _plan, layout = demo_layout(demo_checkpoints, **{"model.layers.0.self_attn.q_proj.weight": "int4"})
     qkv = layout.modules["model.layers.0.self_attn.qkv_proj"]
-    experts = layout.modules["model.layers.1.mlp.experts"]
-    assert qkv.method == experts.method == "decoded"
+    assert qkv.method == "decoded"
     assert qkv.precisions == (Precision.BF16, Precision.INT4) and "parts mix bf16, int4" in qkv.reason
-    assert "parts mix fp8, int4" in experts.reason
     assert layout.modules["model.layers.0.mlp.experts"].method == "packed"
+
+
+def test_experts_in_several_formats_are_served_packed_mixed(demo_checkpoints) -> None:  # noqa: ANN001
+    """Per-expert rules (exact names, a regex) make layer 1's FusedMoE packed-mixed: one set per format and slot."""
+    plan, layout = demo_layout(demo_checkpoints, **{
+        "model.layers.1.mlp.experts.0.down_proj.weight": "fp8",
+        "model.layers.1.mlp.experts.1.gate_proj.weight": "bf16",
+        "model.layers.1.mlp.experts.1.up_proj.weight": "bf16",
+        r"re:model\.layers\.1\.mlp\.experts\.[23]\.(gate|up|down)_proj\.weight": "fp8",
+    })
+    experts = layout.modules["model.layers.1.mlp.experts"]
+    assert experts.method == "packed" and experts.method_name == "packed-mixed"
+    assert experts.precisions == (Precision.BF16, Precision.FP8, Precision.INT4)
+    assert {(s.slot, s.format_name): s.experts for s in experts.expert_sets} == {
+        ("w13", "fp8-block32x32"): (2, 3), ("w13", "gptq-4bit-g32"): (0,), ("w13", "unquantized"): (1,),
+        ("w2", "fp8-block32x32"): (0, 2, 3), ("w2", "gptq-4bit-g32"): (1,)}
+    assert experts.expert_formats() == {"fp8-block32x32": 2, "gate/up gptq-4bit-g32, down fp8-block32x32": 1,
+                                        "gate/up unquantized, down gptq-4bit-g32": 1}
+    # Every quantized weight keeps its stored bytes (int4 less the identity g_idx), bf16 its size.
+    served = served_nbytes(layout, plan)
+    summary = plan.summary()
+    assert served[Precision.FP8] == summary[Precision.FP8].bytes_on_disk
+    assert served[Precision.BF16] == summary[Precision.BF16].bytes_loaded
+    assert "packed-mixed (fp8-block32x32: 2; gate/up gptq-4bit-g32, down fp8-block32x32: 1;" in \
+        format_layout(layout, plan)
 
 
 def test_serve_decoded_decodes_every_module(demo_checkpoints) -> None:  # noqa: ANN001

@@ -35,7 +35,7 @@ from sglang.srt.enhanced.mixed_precision.packing import block_shape
 logger = logging.getLogger(__name__)
 
 __all__ = ["LOOP_FROM_TOKENS", "FP8Weights", "GPTQWeights", "MixedExperts", "PlainWeights", "moe_forward",
-           "packed_linear"]
+           "moe_fused_kernels", "packed_linear"]
 
 # From this many tokens on (outside CUDA-graph capture) a CUDA MoE call decodes each routed expert
 # once and multiplies its tokens with cuBLAS instead of calling the fused kernels, whose large-batch
@@ -239,6 +239,21 @@ def _kernel_sets(w: Experts, topk_ids: torch.Tensor, packed_weights: ModuleType)
     return None if kw is None else [(kw, topk_ids)]
 
 
+def moe_fused_kernels(
+    x: torch.Tensor, w13: Experts, w2: Experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str
+) -> torch.Tensor | None:
+    """The fused kernels' result (one launch per expert set and projection), or None when they cannot take it."""
+    kernels = _fused_kernels()
+    if kernels is None:
+        return None
+    fused, _, packed_weights = kernels
+    ids = topk_ids.to(torch.int32)
+    k13, k2 = _kernel_sets(w13, ids, packed_weights), _kernel_sets(w2, ids, packed_weights)
+    if k13 is None or k2 is None:
+        return None
+    return fused.fused_moe_sets(x, k13, k2, topk_weights.to(torch.float32), activation=activation)
+
+
 def moe_forward(
     x: torch.Tensor,
     w13: Experts,
@@ -253,13 +268,9 @@ def moe_forward(
                             culprit="activation")
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if x.is_cuda and (capturing or x.shape[0] < LOOP_FROM_TOKENS):
-        kernels = _fused_kernels()
-        if kernels is not None:
-            fused, _, packed_weights = kernels
-            ids = topk_ids.to(torch.int32)
-            k13, k2 = _kernel_sets(w13, ids, packed_weights), _kernel_sets(w2, ids, packed_weights)
-            if k13 is not None and k2 is not None:
-                return fused.fused_moe_sets(x, k13, k2, topk_weights.to(torch.float32), activation=activation)
+        out = moe_fused_kernels(x, w13, w2, topk_weights, topk_ids, activation)
+        if out is not None:
+            return out
     if capturing:
         return _moe_every_expert(x, w13, w2, topk_weights, topk_ids, activation)
     return _moe_expert_loop(x, w13, w2, topk_weights, topk_ids, activation)
