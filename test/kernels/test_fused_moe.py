@@ -169,11 +169,10 @@ def plain_experts(gen, e, k, n, device) -> FP8Experts:
     return FP8Experts(weight=w, scale=torch.ones((1, 1), device=device).expand(e, n), block_size=None)
 
 
-def local_ids(topk_ids: torch.Tensor, experts: tuple[int, ...], num_experts: int) -> torch.Tensor:
-    table = torch.full((num_experts + 1,), -1, dtype=torch.int32)
+def expert_map(experts: tuple[int, ...], num_experts: int, device) -> torch.Tensor:  # noqa: ANN001
+    table = torch.full((num_experts,), -1, dtype=torch.int32)
     table[list(experts)] = torch.arange(len(experts), dtype=torch.int32)
-    ids = topk_ids.long().cpu()
-    return table[torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)].to(topk_ids.device)
+    return table.to(device)
 
 
 @pytest.mark.parametrize("cfg", [GEMV, GEMM, None], ids=["gemv", "gemm", "tuned"])
@@ -187,10 +186,11 @@ def test_expert_sets_in_several_formats_add_into_one_output(cfg, device, poisone
     down = {(0, 1, 2): make_gptq(gen, 3, inter, h, 4, 16, device=device),
             (3, 4): make_fp8(gen, 2, inter, h, None, device=device)}  # fmt: skip
     tw, ti = make_routing(gen, t, e, top_k, device=device)
-    ti[t - 1, 1] = -1  # a pair of another rank
+    ti[t - 1, 1] = -1  # pairs of another rank
+    ti[t - 2, 0] = e
     x = torch.randn(t, h, generator=gen).to(torch.bfloat16).to(device)
-    y = fused_moe_sets(x, [(w, local_ids(ti, ex, e)) for ex, w in gate_up.items()],
-                       [(w, local_ids(ti, ex, e)) for ex, w in down.items()], tw, config=cfg)  # fmt: skip
+    y = fused_moe_sets(x, [(w, expert_map(ex, e, device)) for ex, w in gate_up.items()],
+                       [(w, expert_map(ex, e, device)) for ex, w in down.items()], tw, ti, config=cfg)  # fmt: skip
 
     def global_f64(sets: dict) -> torch.Tensor:  # noqa: ANN001
         per = {g: w for ex, s in sets.items() for g, w in zip(ex, _expert_weights_f64(s), strict=True)}
@@ -201,8 +201,20 @@ def test_expert_sets_in_several_formats_add_into_one_output(cfg, device, poisone
     for r in range(t):
         for j in range(top_k):
             g = int(ti[r, j])
-            if g < 0:
+            if not 0 <= g < e:
                 continue
             gu = w13[g] @ x[r].double().cpu()
             ref[r] += float(tw[r, j]) * (w2[g] @ (torch.nn.functional.silu(gu[:inter]) * gu[inter:]))
     assert rel_err(y, ref) < REL_TOL[torch.bfloat16]
+
+
+def test_expert_maps_must_fit(device):
+    gen = torch.Generator().manual_seed(0)
+    w13 = make_gptq(gen, 2, 32, 32, 4, 16, device=device)
+    w2 = make_gptq(gen, 2, 16, 32, 4, 16, device=device)
+    tw, ti = make_routing(gen, 2, 2, 1, device=device)
+    x = torch.randn(2, 32, device=device).bfloat16()
+    with pytest.raises(EnhancedError, match="expert map each"):
+        fused_moe_sets(x, [(w13, None), (w13, None)], [(w2, None)], tw, ti)
+    with pytest.raises(EnhancedError, match="int32 \\[num_experts\\]"):
+        fused_moe_sets(x, [(w13, torch.zeros(2, dtype=torch.int64, device=device))], [(w2, None)], tw, ti)

@@ -12,7 +12,8 @@ Two kernel shapes, chosen by batch size (``moe_configs.pick_moe_config``):
 Both accumulate in float32. The gate/up kernel also clears the float32 output that the down
 kernel adds into (atomically); the result is cast to the activation dtype at the end. A layer
 whose experts come in several formats runs one launch per format and projection
-(:func:`fused_moe_sets`), each over the pairs routed to its own experts.
+(:func:`fused_moe_sets`); each maps the routed global expert ids to its own (``HAS_MAP``)
+and skips the pairs of other formats.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _clear(zero_ptr, zero_numel, zero_chunk, lin):
 
 @triton.jit
 def _fused_moe_gemv_kernel(
-    a_ptr, out_ptr, zero_ptr, topk_ids_ptr, topk_w_ptr,
+    a_ptr, out_ptr, zero_ptr, topk_ids_ptr, topk_w_ptr, map_ptr,
     w_ptr, z_ptr, s_ptr, g_ptr,
     N, K, num_experts, top_k, zero_numel, zero_chunk, gs, zero_offset, BO, BI,
     sa_m, so_m,
@@ -71,7 +72,7 @@ def _fused_moe_gemv_kernel(
     FMT: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_MODE: tl.constexpr, GS: tl.constexpr, HAS_G_IDX: tl.constexpr, UNIFORM: tl.constexpr,
     BLOCKWISE: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
-    PLANES: tl.constexpr, SPLIT_GATED: tl.constexpr,
+    PLANES: tl.constexpr, SPLIT_GATED: tl.constexpr, HAS_MAP: tl.constexpr,
 ):  # fmt: skip
     """One (token, slot) pair ``p`` x ``BLOCK_N`` outputs x one K split ``s``.
 
@@ -79,6 +80,7 @@ def _fused_moe_gemv_kernel(
     SPLIT_GATED the two dot products over split ``s`` go to ``out[s, p, n]`` / ``out[s, p, N + n]``
     (float32) instead, for :func:`_split_act_kernel`;
     else ``out[p // top_k, n] += topk_w[p] * (a[p] . W[e, n])`` (float32, atomic).
+    HAS_MAP: ``e = map[topk_ids[p]]`` (this set's index of a global expert, -1: not in the set).
     """
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -88,6 +90,10 @@ def _fused_moe_gemv_kernel(
     e = tl.load(topk_ids_ptr + p).to(tl.int64)
     if (e < 0) | (e >= num_experts):
         return
+    if HAS_MAP:
+        e = tl.load(map_ptr + e).to(tl.int64)
+        if e < 0:
+            return
     row = p // top_k if GATED else p
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -141,10 +147,19 @@ def _fused_moe_gemv_kernel(
 
 
 @triton.jit
-def _split_act_kernel(part_ptr, out_ptr, N, pairs, sp_m, so_m, SPLITS: tl.constexpr, ACT: tl.constexpr,
-                      BLOCK: tl.constexpr):  # fmt: skip
-    """``out[p, n] = act(sum_s part[s, p, n]) * sum_s part[s, p, N + n]`` for one pair and ``BLOCK`` outputs."""
+def _split_act_kernel(part_ptr, out_ptr, topk_ids_ptr, map_ptr, N, pairs, num_experts, sp_m, so_m,
+                      SPLITS: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, HAS_MAP: tl.constexpr):  # fmt: skip
+    """``out[p, n] = act(sum_s part[s, p, n]) * sum_s part[s, p, N + n]`` for one pair and ``BLOCK`` outputs.
+
+    Pairs the gate/up kernel skipped (another rank's, or another set's) are left alone.
+    """
     p = tl.program_id(0)
+    e = tl.load(topk_ids_ptr + p).to(tl.int64)
+    if (e < 0) | (e >= num_experts):
+        return
+    if HAS_MAP:
+        if tl.load(map_ptr + e) < 0:
+            return
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     g = tl.zeros((BLOCK,), tl.float32)
@@ -159,7 +174,7 @@ def _split_act_kernel(part_ptr, out_ptr, N, pairs, sp_m, so_m, SPLITS: tl.conste
 
 @triton.jit
 def _fused_moe_gemm_kernel(
-    a_ptr, out_ptr, zero_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, topk_w_ptr,
+    a_ptr, out_ptr, zero_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, topk_w_ptr, map_ptr,
     w_ptr, z_ptr, s_ptr, g_ptr,
     N, K, num_pairs, top_k, zero_numel, zero_chunk, gs, zero_offset, BO, BI,
     sa_m, so_m,
@@ -167,7 +182,7 @@ def _fused_moe_gemm_kernel(
     FMT: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_MODE: tl.constexpr, GS: tl.constexpr, HAS_G_IDX: tl.constexpr,
     UNIFORM: tl.constexpr, BLOCKWISE: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-    K_TILES: tl.constexpr, F32_DOT: tl.constexpr, PLANES: tl.constexpr,
+    K_TILES: tl.constexpr, F32_DOT: tl.constexpr, PLANES: tl.constexpr, HAS_MAP: tl.constexpr,
 ):  # fmt: skip
     """One ``BLOCK_M``-row block of one expert's pairs x ``BLOCK_N`` outputs (see the gemv kernel)."""
     pid = tl.program_id(0)
@@ -181,6 +196,10 @@ def _fused_moe_gemm_kernel(
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if e < 0:
         return
+    if HAS_MAP:
+        e = tl.load(map_ptr + e).to(tl.int64)
+        if e < 0:
+            return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
     mask_m = pair < num_pairs
@@ -273,7 +292,8 @@ class _WeightArgs:
 ACT_BLOCK = 256
 
 
-def _launch_gemv(a, out, zero, topk_ids, topk_w, w, n, k, num_experts, top_k, cfg: GemmConfig, gated, act):
+def _launch_gemv(a, out, zero, topk_ids, topk_w, w, expert_map, n, k, num_experts, top_k, cfg: GemmConfig, gated,
+                 act):  # fmt: skip
     wa = _WeightArgs(w, cfg.block_k)
     pairs = topk_ids.numel()
     k_tiles = triton.cdiv(k, cfg.block_k)
@@ -284,15 +304,16 @@ def _launch_gemv(a, out, zero, topk_ids, topk_w, w, n, k, num_experts, top_k, cf
     dst = torch.empty((split, pairs, 2 * n), dtype=torch.float32, device=a.device) if split_gated else out
     grid = (pairs, triton.cdiv(n, cfg.block_n), split)
     _fused_moe_gemv_kernel[grid](
-        a, dst, zero, topk_ids, topk_w, *wa.ptrs,
+        a, dst, zero, topk_ids, topk_w, expert_map if expert_map is not None else topk_ids, *wa.ptrs,
         n, k, num_experts, top_k, zero.numel(), triton.cdiv(zero.numel(), grid[0] * grid[1] * grid[2]),
         *wa.scalars, a.stride(0), dst.stride(-2), *wa.strides,
         **wa.meta, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GATED=gated, ACT=act, TILES_PER_SPLIT=per_split,
-        SPLIT_GATED=split_gated, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT_GATED=split_gated, HAS_MAP=expert_map is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if split_gated:
         _split_act_kernel[(pairs, triton.cdiv(n, ACT_BLOCK))](
-            dst, out, n, pairs, dst.stride(1), out.stride(0), SPLITS=split, ACT=act, BLOCK=ACT_BLOCK)
+            dst, out, topk_ids, expert_map if expert_map is not None else topk_ids, n, pairs, num_experts,
+            dst.stride(1), out.stride(0), SPLITS=split, ACT=act, BLOCK=ACT_BLOCK, HAS_MAP=expert_map is not None)
 
 
 def _dot_block_k(w: GPTQExperts | FP8Experts, block_k: int) -> int:
@@ -302,22 +323,24 @@ def _dot_block_k(w: GPTQExperts | FP8Experts, block_k: int) -> int:
     return block_k
 
 
-def _launch_gemm(a, out, zero, align, topk_w, w, n, k, pairs, top_k, block_m, cfg: GemmConfig, gated, act):
+def _launch_gemm(a, out, zero, align, topk_w, w, expert_map, n, k, pairs, top_k, block_m, cfg: GemmConfig, gated,
+                 act):  # fmt: skip
     sorted_ids, expert_ids, num_post = align
     block_k = _dot_block_k(w, cfg.block_k)
     wa = _WeightArgs(w, block_k)
     grid = (expert_ids.numel() * triton.cdiv(n, cfg.block_n),)
     _fused_moe_gemm_kernel[grid](
-        a, out, zero, sorted_ids, expert_ids, num_post, topk_w, *wa.ptrs,
+        a, out, zero, sorted_ids, expert_ids, num_post, topk_w, expert_map if expert_map is not None else expert_ids,
+        *wa.ptrs,
         n, k, pairs, top_k, zero.numel(), triton.cdiv(zero.numel(), grid[0]), *wa.scalars,
         a.stride(0), out.stride(0), *wa.strides,
         **wa.meta, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GATED=gated, ACT=act,
-        K_TILES=triton.cdiv(k, block_k), F32_DOT=_is_interpreted(), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        K_TILES=triton.cdiv(k, block_k), F32_DOT=_is_interpreted(), HAS_MAP=expert_map is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
-RoutedExperts = tuple["GPTQExperts | FP8Experts", torch.Tensor]  # stacked experts and their local ids [T, top_k]
+ExpertSet = tuple["GPTQExperts | FP8Experts", "torch.Tensor | None"]  # stacked experts, global -> local map
 
 
 def _num_experts(w: GPTQExperts | FP8Experts) -> int:
@@ -330,8 +353,8 @@ def _config_format(w: GPTQExperts | FP8Experts) -> str:
     return "fp8_block" if w.block_size is not None else "fp8_channel"
 
 
-def _check_moe(x, gate_up: Sequence[RoutedExperts], down: Sequence[RoutedExperts], topk_weights, activation
-               ) -> tuple[int, int]:  # fmt: skip
+def _check_moe(x, gate_up: Sequence[ExpertSet], down: Sequence[ExpertSet], topk_weights, topk_ids, activation
+               ) -> tuple[int, int, int]:  # fmt: skip
     if activation not in ACTIVATIONS:
         raise EnhancedError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}",
                             culprit="activation")  # fmt: skip
@@ -350,74 +373,80 @@ def _check_moe(x, gate_up: Sequence[RoutedExperts], down: Sequence[RoutedExperts
                     f"w2 [{w2.in_features} -> {w2.out_features}]",
                     culprit="w13",
                 )
-    for _, ids in (*gate_up, *down):
-        if ids.shape != topk_weights.shape or ids.dim() != 2 or ids.shape[0] != x.shape[0]:
-            raise EnhancedError(
-                f"topk_ids {tuple(ids.shape)} / topk_weights {tuple(topk_weights.shape)} do not match "
-                f"{x.shape[0]} tokens",
-                culprit="topk_ids",
-            )
+    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise EnhancedError(
+            f"topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} do not match "
+            f"{x.shape[0]} tokens",
+            culprit="topk_ids",
+        )
+    maps = [m for _, m in (*gate_up, *down) if m is not None]
+    if maps and any(m.dim() != 1 or m.shape != maps[0].shape or m.dtype != torch.int32 for m in maps):
+        raise EnhancedError("expert maps must be int32 [num_experts], one length for every set", culprit="expert_map")
+    if not maps and (len(gate_up) > 1 or len(down) > 1):
+        raise EnhancedError("several expert sets need an expert map each", culprit="expert_map")
     if not x.is_cuda and not _is_interpreted():
         raise EnhancedError("the fused MoE kernels need CUDA tensors or TRITON_INTERPRET=1 set before import",
                             culprit="x")  # fmt: skip
-    return h, two_i // 2
+    num_experts = maps[0].numel() if maps else _num_experts(gate_up[0][0])
+    return num_experts, h, two_i // 2
 
 
 def fused_moe_sets(
     x: torch.Tensor,
-    gate_up: Sequence[RoutedExperts],
-    down: Sequence[RoutedExperts],
+    gate_up: Sequence[ExpertSet],
+    down: Sequence[ExpertSet],
     topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
     *,
     activation: str = "silu",
     out: torch.Tensor | None = None,
     config: MoEConfig | None = None,
 ) -> torch.Tensor:
-    """Fused MoE over experts held in several stacked sets (one per format), one launch per set and projection.
+    """Fused MoE over experts held in several stacked sets (one per format): one launch per set and projection.
 
-    Each set comes with its own ``[T, top_k]`` ids: a pair's expert index inside that set, or
-    an id outside ``[0, E_set)`` (e.g. -1) where the set does not hold the pair's expert. All
-    gate/up launches write one pair-indexed intermediate, then all down launches add into one
-    float32 accumulator; a pair held by no set contributes nothing. No host synchronisation.
+    Each set is ``(experts, expert_map)``: ``expert_map`` int32 ``[E]`` gives a global expert's
+    index in the set or -1 where the set does not hold it (None: the set holds every expert, in
+    order). The kernels map ``topk_ids`` themselves and skip the pairs of other sets; the
+    expert-blocked path aligns the global ids once for all sets. All gate/up launches write one
+    pair-indexed intermediate, then all down launches add into one float32 accumulator; pairs
+    held by no set (ids outside ``[0, E)``) contribute nothing. No host synchronisation.
     ``config`` overrides the tuned choice for every set.
     """
-    h, inter = _check_moe(x, gate_up, down, topk_weights, activation)
-    t, top_k = topk_weights.shape
+    e_all, h, inter = _check_moe(x, gate_up, down, topk_weights, topk_ids, activation)
+    t, top_k = topk_ids.shape
     result = out if out is not None else torch.empty((t, h), dtype=x.dtype, device=x.device)
     if t == 0:
         return result
     act = ACTIVATIONS[activation]
     x = x.contiguous()
+    topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()
-    gate_up = [(w, ids.contiguous()) for w, ids in gate_up]
-    down = [(w, ids.contiguous()) for w, ids in down]
     acc = torch.empty((t, h), dtype=torch.float32, device=x.device)  # cleared by the first gate/up launch
     mid = torch.empty((t * top_k, inter), dtype=x.dtype, device=x.device)
     pairs = t * top_k
-    aligned: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    aligned: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for gated, sets in ((True, gate_up), (False, down)):
         n, k = (inter, h) if gated else (h, inter)
         a, dest = (x, mid) if gated else (mid, acc)
-        for i, (w, ids) in enumerate(sets):
+        for i, (w, expert_map) in enumerate(sets):
             zero = acc if gated and i == 0 else acc[:0]
-            e = _num_experts(w)
-            cfg = config or pick_moe_config(_config_format(w), e, h, inter, top_k, t, x.device)
+            cfg = config or pick_moe_config(_config_format(w), e_all, h, inter, top_k, t, x.device)  # layer's shape
             tile = cfg.up if gated else cfg.down
             if cfg.path == "gemv":
-                _launch_gemv(a, dest, zero, ids, topk_weights, w, n, k, e, top_k, tile, gated, act)
+                _launch_gemv(a, dest, zero, topk_ids, topk_weights, w, expert_map, n, k, e_all, top_k, tile, gated,
+                             act)  # fmt: skip
             else:
-                key = (id(ids), cfg.block_m, e)  # a set's gate/up and down launches share one alignment
-                if key not in aligned:
-                    aligned[key] = moe_align_block_size(ids, cfg.block_m, e)
-                align = aligned[key]
-                _launch_gemm(a, dest, zero, align, topk_weights, w, n, k, pairs, top_k, cfg.block_m, tile, gated, act)
+                if cfg.block_m not in aligned:  # one alignment of the global ids serves every set
+                    aligned[cfg.block_m] = moe_align_block_size(topk_ids, cfg.block_m, e_all)
+                _launch_gemm(a, dest, zero, aligned[cfg.block_m], topk_weights, w, expert_map, n, k, pairs, top_k,
+                             cfg.block_m, tile, gated, act)  # fmt: skip
     result.copy_(acc)
     return result
 
 
 def _fused_moe(x, w13, w2, topk_weights, topk_ids, activation, out, config: MoEConfig | None):
-    ids = topk_ids.contiguous()
-    return fused_moe_sets(x, [(w13, ids)], [(w2, ids)], topk_weights, activation=activation, out=out, config=config)
+    return fused_moe_sets(x, [(w13, None)], [(w2, None)], topk_weights, topk_ids, activation=activation, out=out,
+                          config=config)
 
 
 def fused_moe_gptq(

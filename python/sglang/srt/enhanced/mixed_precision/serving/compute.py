@@ -10,7 +10,7 @@
 
 A FusedMoE whose experts come in several formats holds one stacked set per format and slot
 (:class:`MixedExperts`): the fused kernels run once per set over the pairs routed to its
-experts (routing ids remapped to set-local ones on the device, -1 elsewhere: no host sync);
+experts (each launch maps the global ids through the set's device-side map: no host sync);
 bf16 experts go through the per-channel FP8 kernel path with unit scales (its tiles read any
 float dtype). The CPU loop decodes each routed expert from its own set.
 
@@ -146,35 +146,29 @@ Weights = GPTQWeights | FP8Weights
 class MixedExperts:
     """One slot (``w13`` or ``w2``) of a FusedMoE whose experts come in several formats.
 
-    ``sets[s]`` stacks the experts ``experts[s]`` (global ids, ascending); ``local_ids[s, e]``
-    (int32, on the weights' device) is expert ``e``'s index in set ``s`` or -1, and column
-    ``num_experts`` is -1 for ids outside the layer (experts of another rank).
+    ``sets[s]`` stacks the experts ``experts[s]`` (global ids, ascending); ``maps[s, e]``
+    (int32, on the weights' device) is expert ``e``'s index in set ``s`` or -1: the fused
+    kernels read it to pick each set's pairs.
     """
 
     sets: tuple[Weights | PlainWeights, ...]
     experts: tuple[tuple[int, ...], ...]
-    local_ids: torch.Tensor
+    maps: torch.Tensor
     num_experts: int
 
     @classmethod
     def build(cls, sets: tuple[Weights | PlainWeights, ...], experts: tuple[tuple[int, ...], ...],
               num_experts: int, device: torch.device) -> MixedExperts:
-        table = torch.full((len(sets), num_experts + 1), -1, dtype=torch.int32)
+        maps = torch.full((len(sets), num_experts), -1, dtype=torch.int32)
         for s, ids in enumerate(experts):
-            table[s, list(ids)] = torch.arange(len(ids), dtype=torch.int32)
-        return cls(sets, experts, table.to(device), num_experts)
+            maps[s, list(ids)] = torch.arange(len(ids), dtype=torch.int32)
+        return cls(sets, experts, maps.to(device), num_experts)
 
     def expert(self, e: int) -> Weights | PlainWeights:
         for s, ids in enumerate(self.experts):
             if e in ids:
                 return self.sets[s].expert(ids.index(e))
         raise EnhancedError(f"expert {e} is in none of this layer's expert sets", culprit=f"expert {e}")
-
-    def set_ids(self, s: int, topk_ids: torch.Tensor) -> torch.Tensor:
-        """``topk_ids`` as set ``s``'s local indices, -1 for pairs routed elsewhere (device ops only)."""
-        ids = topk_ids.to(torch.int64)
-        inside = (ids >= 0) & (ids < self.num_experts)
-        return self.local_ids[s][torch.where(inside, ids, self.num_experts)]
 
 
 Experts = Weights | PlainWeights | MixedExperts
@@ -225,18 +219,18 @@ def packed_linear(x: torch.Tensor, w: Weights, bias: torch.Tensor | None) -> tor
     return F.linear(x, w.decode(x.dtype), bias)
 
 
-def _kernel_sets(w: Experts, topk_ids: torch.Tensor, packed_weights: ModuleType) -> list | None:
-    """``[(kernel weights, ids)]`` of one slot (one entry per expert set), or None when a set does not fit."""
+def _kernel_sets(w: Experts, packed_weights: ModuleType) -> list | None:
+    """``[(kernel weights, expert map or None)]`` of one slot, or None when a set does not fit the kernels."""
     if isinstance(w, MixedExperts):
         out = []
         for s, weights in enumerate(w.sets):
             kw = _kernel_weights(weights, packed_weights)
             if kw is None:
                 return None
-            out.append((kw, w.set_ids(s, topk_ids)))
+            out.append((kw, w.maps[s]))
         return out
     kw = _kernel_weights(w, packed_weights)
-    return None if kw is None else [(kw, topk_ids)]
+    return None if kw is None else [(kw, None)]
 
 
 def moe_fused_kernels(
@@ -247,11 +241,11 @@ def moe_fused_kernels(
     if kernels is None:
         return None
     fused, _, packed_weights = kernels
-    ids = topk_ids.to(torch.int32)
-    k13, k2 = _kernel_sets(w13, ids, packed_weights), _kernel_sets(w2, ids, packed_weights)
+    k13, k2 = _kernel_sets(w13, packed_weights), _kernel_sets(w2, packed_weights)
     if k13 is None or k2 is None:
         return None
-    return fused.fused_moe_sets(x, k13, k2, topk_weights.to(torch.float32), activation=activation)
+    return fused.fused_moe_sets(x, k13, k2, topk_weights.to(torch.float32), topk_ids.to(torch.int32),
+                                activation=activation)
 
 
 def moe_forward(
