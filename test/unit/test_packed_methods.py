@@ -248,8 +248,8 @@ def test_mixed_module_is_decoded_with_one_warning(caplog) -> None:  # noqa: ANN0
                     N, K, shard="q")
     k = part_layout("model.layers.0.self_attn.k_proj", {"weight": torch.randn(N, K)}, PackedFormat(), N, K,
                     shard="k", precision=Precision.BF16)
-    method, reason = _decide(name, "linear", [q, k], "packed")
-    assert method == "decoded" and "bf16, int4" in reason
+    method, reason, sets = _decide(name, "linear", [q, k], "packed")
+    assert method == "decoded" and "bf16, int4" in reason and not sets
     module = ModuleLayout(name, "linear", (q, k), method, reason)
     with caplog.at_level(logging.WARNING):
         layer = ReplicatedLinear(K, N, bias=False, quant_config=serving(module), prefix=name)
