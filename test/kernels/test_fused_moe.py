@@ -175,9 +175,15 @@ def expert_map(experts: tuple[int, ...], num_experts: int, device) -> torch.Tens
     return table.to(device)
 
 
-@pytest.mark.parametrize("cfg", [GEMV, GEMM, None], ids=["gemv", "gemm", "tuned"])
+SPLIT_GEMV = MoEConfig("gemv", GemmConfig(16, 16, split_k=2), GemmConfig(32, 16, split_k=2))
+
+
+@pytest.mark.parametrize("cfg", [GEMV, SPLIT_GEMV, GEMM, None], ids=["gemv", "gemv-split", "gemm", "tuned"])
 def test_expert_sets_in_several_formats_add_into_one_output(cfg, device, poisoned):  # noqa: F811
-    """Gate/up in int4 / FP8-block / bf16 sets, down in int4 / FP8-channel sets, one launch each, one output."""
+    """Gate/up in int4 / FP8-block / bf16 sets, down in int4 / FP8-channel sets, one launch each, one output.
+
+    With gate/up split over K, each set's activation kernel must leave the other sets' pairs alone.
+    """
     gen = torch.Generator().manual_seed(11)
     e, h, inter, t, top_k = 5, 32, 16, 6, 2
     gate_up = {(0, 2, 4): make_gptq(gen, 3, h, 2 * inter, 4, 16, device=device),
