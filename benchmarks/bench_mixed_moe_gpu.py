@@ -27,10 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_moe_gpu  # noqa: E402
 import moe_bench_lib as lib  # noqa: E402
 
-from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import FP8Experts, GPTQExperts  # noqa: E402
+from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import GPTQExperts  # noqa: E402
 from sglang.srt.enhanced.mixed_precision.serving.compute import (  # noqa: E402
-    FP8Weights,
-    GPTQWeights,
     MixedExperts,
     moe_forward,
     moe_fused_kernels,
@@ -43,14 +41,6 @@ MAX_REL_ERR = 3e-2  # bf16 activations and intermediate, against float64
 TARGET = 1.15
 
 
-def served(w: GPTQExperts | FP8Experts) -> GPTQWeights | FP8Weights:
-    """The server's description of stacked experts (as ``PackedMoEMethod`` builds it after loading)."""
-    if isinstance(w, FP8Experts):
-        return FP8Weights(w.weight, w.scale, w.block_size)
-    return GPTQWeights.loaded(w.qweight, w.qzeros, w.scales, w.g_idx, w.bits, w.group_size, w.zero_offset,
-                              (0, w.out_features))  # fmt: skip
-
-
 def take(w: GPTQExperts, experts: list[int]) -> GPTQExperts:
     idx = torch.tensor(experts, device=w.qweight.device)
     return GPTQExperts(w.qweight[idx].contiguous(), w.qzeros[idx].contiguous(), w.scales[idx].contiguous(), None,
@@ -58,7 +48,7 @@ def take(w: GPTQExperts, experts: list[int]) -> GPTQExperts:
 
 
 def build_layers(e: int, h: int, inter: int, fp8_share: float, gen: torch.Generator):
-    """``{"int4": (w13, w2, ref13, ref2), "mixed": ...}``: the server's weights and their float64 references."""
+    """``{"int4": (w13, w2, ref13, ref2), "mixed": ...}``: the layers' weights and what the float64 references read."""
     int4 = [lib.gptq_experts(e, h, 2 * inter, 4, 128, gen=gen), lib.gptq_experts(e, inter, h, 4, 128, gen=gen)]
     step = max(1, round(1 / fp8_share))
     fp8_ids = list(range(0, e, step))
@@ -66,10 +56,10 @@ def build_layers(e: int, h: int, inter: int, fp8_share: float, gen: torch.Genera
     fp8 = [lib.fp8_experts(len(fp8_ids), h, 2 * inter, gen=gen), lib.fp8_experts(len(fp8_ids), inter, h, gen=gen)]
     mixed, refs = [], []
     for full, f in zip(int4, fp8, strict=True):
-        sets = (served(take(full, int4_ids)), served(f))
+        sets = (take(full, int4_ids), f)
         mixed.append(MixedExperts.build(sets, (tuple(int4_ids), tuple(fp8_ids)), e, full.qweight.device))
         refs.append({g: (full, g) for g in int4_ids} | {g: (f, i) for i, g in enumerate(fp8_ids)})
-    layers = {"int4": (served(int4[0]), served(int4[1]), int4[0], int4[1]), "mixed": (*mixed, *refs)}
+    layers = {"int4": (*int4, *int4), "mixed": (*mixed, *refs)}
     return layers, len(fp8_ids)
 
 

@@ -260,20 +260,17 @@ def test_mixed_module_is_decoded_with_one_warning(caplog) -> None:  # noqa: ANN0
 
 def test_capture_safe_expert_path_equals_the_routed_loop() -> None:
     """The CUDA-graph-safe fallback (every expert, no host sync) computes what the routed loop does."""
-    from sglang.srt.enhanced.mixed_precision.serving.compute import (
-        GPTQWeights,
-        _moe_every_expert,
-        _moe_expert_loop,
-    )
+    from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import GPTQExperts
+    from sglang.srt.enhanced.mixed_precision.serving.compute import _moe_every_expert, _moe_expert_loop
 
     torch.manual_seed(3)
     fmt = GPTQFormat(bits=4, group_size=32, desc_act=True)
 
-    def stacked(shape: tuple[int, int]) -> GPTQWeights:
+    def stacked(shape: tuple[int, int]) -> GPTQExperts:
         parts = [gptq_parts(torch.randn(*shape), fmt) for _ in range(E)]
-        g_idx = torch.stack([p["g_idx"] for p in parts])[:, None, :]
-        return GPTQWeights.loaded(*(torch.stack([p[k] for p in parts]) for k in ("qweight", "qzeros", "scales")),
-                                  g_idx, 4, 32, fmt.zero_offset, (0, shape[0]))
+        g_idx = torch.stack([p["g_idx"] for p in parts])
+        return GPTQExperts(*(torch.stack([p[k] for p in parts]) for k in ("qweight", "qzeros", "scales")),
+                           g_idx, 4, 32, fmt.zero_offset)
 
     w13, w2 = stacked((2 * INTER, H)), stacked((H, INTER))
     x = torch.randn(6, H, dtype=torch.float64)

@@ -8,6 +8,9 @@
 * elsewhere (the CPU server of CI): the torch references decode what the call needs (for
   MoE only the experts the tokens were routed to) in the serving dtype, then matmul.
 
+Packed GPTQ and FP8 weights are described once, by ``kernels.packed_weights`` (``GPTQExperts``,
+``FP8Experts``): the methods build them after loading and the kernels take them as they are.
+
 A FusedMoE whose experts come in several formats holds one stacked set per format and slot
 (:class:`MixedExperts`): the fused kernels run once per set over the pairs routed to its
 experts (each launch maps the global ids through the set's device-side map: no host sync);
@@ -30,11 +33,12 @@ import torch.nn.functional as F
 
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.dequant import dequant_fp8_block, dequant_fp8_scaled, dequant_gptq
+from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import FP8Experts, GPTQExperts
 from sglang.srt.enhanced.mixed_precision.packing import block_shape
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOOP_FROM_TOKENS", "FP8Weights", "GPTQWeights", "MixedExperts", "PlainWeights", "moe_forward",
+__all__ = ["LOOP_FROM_TOKENS", "MixedExperts", "PlainWeights", "decode", "gptq_loaded", "moe_forward",
            "moe_fused_kernels", "packed_linear"]
 
 # From this many tokens on (outside CUDA-graph capture) a CUDA MoE call decodes each routed expert
@@ -43,77 +47,6 @@ __all__ = ["LOOP_FROM_TOKENS", "FP8Weights", "GPTQWeights", "MixedExperts", "Pla
 # 0.88 ms for bf16 at 4096 tokens on Qwen3-30B-A3B's shape). The crossover is estimated from the
 # measured decode rate, not measured itself.
 LOOP_FROM_TOKENS = 1024
-
-
-@dataclass(frozen=True)
-class GPTQWeights:
-    """One GPTQ linear weight (2-D parts) or stacked experts (3-D), as loaded.
-
-    ``g_idx`` is None (no act-order) or ``[..., P, K]``: one row per fused part, part ``p``
-    covering output features ``bounds[p]:bounds[p + 1]``.
-    """
-
-    qweight: torch.Tensor
-    qzeros: torch.Tensor
-    scales: torch.Tensor
-    g_idx: torch.Tensor | None
-    bits: int
-    group_size: int
-    zero_offset: int
-    bounds: tuple[int, ...]
-    parts_share_g_idx: bool = True  # decided once after loading (no device sync per call)
-
-    @classmethod
-    def loaded(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
-               bits: int, group_size: int, zero_offset: int, bounds: tuple[int, ...]) -> GPTQWeights:
-        shared = g_idx is None or bool((g_idx == g_idx[..., :1, :]).all())
-        return cls(qweight, qzeros, scales, g_idx, bits, group_size, zero_offset, bounds, shared)
-
-    def expert(self, e: int) -> GPTQWeights:
-        g = self.g_idx[e] if self.g_idx is not None else None
-        return GPTQWeights(self.qweight[e], self.qzeros[e], self.scales[e], g, self.bits, self.group_size,
-                           self.zero_offset, self.bounds, self.parts_share_g_idx)
-
-    def single_g_idx(self) -> torch.Tensor | None | bool:
-        """``g_idx`` as one ``[..., K]`` row when every part shares it; False when parts differ."""
-        if self.g_idx is None:
-            return None
-        return self.g_idx[..., 0, :] if self.parts_share_g_idx else False
-
-    def decode(self, dtype: torch.dtype) -> torch.Tensor:
-        """The float weight ``[..., N, K]``."""
-        single = self.single_g_idx()
-        kwargs = dict(bits=self.bits, group_size=self.group_size, zero_offset=self.zero_offset, out_dtype=dtype)
-        if single is not False:
-            return dequant_gptq(self.qweight, self.qzeros, self.scales, single, **kwargs)  # type: ignore[arg-type]
-        values, words = block_shape(self.bits)
-        pieces = []
-        for p in range(len(self.bounds) - 1):
-            lo, hi = self.bounds[p], self.bounds[p + 1]
-            pieces.append(dequant_gptq(
-                self.qweight[..., lo:hi].contiguous(),
-                self.qzeros[..., lo // values * words : hi // values * words].contiguous(),
-                self.scales[..., lo:hi].contiguous(), self.g_idx[..., p, :].contiguous(),  # type: ignore[index]
-                **kwargs,
-            ))
-        return torch.cat(pieces, dim=-2)
-
-
-@dataclass(frozen=True)
-class FP8Weights:
-    """One FP8 linear weight ``[N, K]`` (or stacked experts) with block scales or per-channel scales ``[..., N]``."""
-
-    weight: torch.Tensor
-    scale: torch.Tensor
-    block_size: tuple[int, int] | None
-
-    def expert(self, e: int) -> FP8Weights:
-        return FP8Weights(self.weight[e], self.scale[e], self.block_size)
-
-    def decode(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.block_size is not None:
-            return dequant_fp8_block(self.weight, self.scale, self.block_size, dtype)
-        return dequant_fp8_scaled(self.weight, self.scale.reshape(*self.scale.shape, 1), dtype)
 
 
 @dataclass(frozen=True)
@@ -135,11 +68,43 @@ class PlainWeights:
     def expert(self, e: int) -> PlainWeights:
         return PlainWeights(self.weight[e], self.unit_scale[e])
 
-    def decode(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.weight.to(dtype)
+
+def gptq_loaded(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
+                bits: int, group_size: int, zero_offset: int, bounds: tuple[int, ...]) -> GPTQExperts:
+    """Packed GPTQ weights from loaded tensors, ``g_idx`` as loaded ``[..., P, K]`` (one row per fused part).
+
+    Where every part has the same order (decided here, once) ``g_idx`` becomes one ``[..., K]`` row.
+    """
+    if g_idx is not None and bool((g_idx == g_idx[..., :1, :]).all()):
+        g_idx = g_idx[..., 0, :]
+    return GPTQExperts(qweight, qzeros, scales, g_idx, bits, group_size, zero_offset, bounds)
 
 
-Weights = GPTQWeights | FP8Weights
+def decode(w: GPTQExperts | FP8Experts | PlainWeights, dtype: torch.dtype) -> torch.Tensor:
+    """The float weight ``[..., N, K]`` in ``dtype``."""
+    if isinstance(w, PlainWeights):
+        return w.weight.to(dtype)
+    if isinstance(w, FP8Experts):
+        if w.block_size is not None:
+            return dequant_fp8_block(w.weight, w.scale, w.block_size, dtype)
+        return dequant_fp8_scaled(w.weight, w.scale.reshape(*w.scale.shape, 1), dtype)
+    kwargs = dict(bits=w.bits, group_size=w.group_size, zero_offset=w.zero_offset, out_dtype=dtype)
+    if not w.g_idx_per_part:
+        return dequant_gptq(w.qweight, w.qzeros, w.scales, w.g_idx, **kwargs)  # type: ignore[arg-type]
+    values, words = block_shape(w.bits)
+    pieces = []
+    for p in range(len(w.bounds) - 1):
+        lo, hi = w.bounds[p], w.bounds[p + 1]
+        pieces.append(dequant_gptq(
+            w.qweight[..., lo:hi].contiguous(),
+            w.qzeros[..., lo // values * words : hi // values * words].contiguous(),
+            w.scales[..., lo:hi].contiguous(), w.g_idx[..., p, :].contiguous(),  # type: ignore[index]
+            **kwargs,
+        ))
+    return torch.cat(pieces, dim=-2)
+
+
+Weights = GPTQExperts | FP8Experts
 
 
 @dataclass(frozen=True)
@@ -177,59 +142,52 @@ Experts = Weights | PlainWeights | MixedExperts
 def _num_experts(w: Experts) -> int:
     if isinstance(w, MixedExperts):
         return w.num_experts
-    return w.qweight.shape[0] if isinstance(w, GPTQWeights) else w.weight.shape[0]
+    return w.qweight.shape[0] if isinstance(w, GPTQExperts) else w.weight.shape[0]
 
 
-def _fused_kernels() -> tuple[ModuleType, ModuleType, ModuleType] | None:
-    """``(fused_moe, packed_linear, packed_weights)`` of the kernels package, or None when absent."""
+def _fused_kernels() -> tuple[ModuleType, ModuleType] | None:
+    """``(fused_moe, packed_linear)`` of the kernels package, or None when absent."""
     try:
-        from sglang.srt.enhanced.mixed_precision.kernels import fused_moe, packed_linear, packed_weights
+        from sglang.srt.enhanced.mixed_precision.kernels import fused_moe, packed_linear
     except ImportError:
         return None
-    return fused_moe, packed_linear, packed_weights
+    return fused_moe, packed_linear
 
 
-def _kernel_weights(w: Weights | PlainWeights, packed_weights: ModuleType):  # noqa: ANN202 - the kernels' types
-    """The kernels' description of ``w``, or None when they cannot take it."""
-    if isinstance(w, FP8Weights):
-        return packed_weights.FP8Experts(weight=w.weight, scale=w.scale, block_size=w.block_size)
+def _kernel_weights(w: Weights | PlainWeights) -> GPTQExperts | FP8Experts | None:
+    """What the kernels take for ``w``, or None when they cannot take it."""
     if isinstance(w, PlainWeights):
-        return packed_weights.FP8Experts(weight=w.weight, scale=w.unit_scale, block_size=None)
-    single = w.single_g_idx()
-    if single is False:
-        if w.g_idx is None or w.g_idx.dim() != 3 or w.g_idx.shape[1] != 2:
-            return None
-        single = w.g_idx  # [E, 2, K]: gate's and up's own orders
-    return packed_weights.GPTQExperts(
-        qweight=w.qweight, qzeros=w.qzeros, scales=w.scales, g_idx=single, bits=w.bits,
-        group_size=w.group_size, zero_offset=w.zero_offset,
-    )
+        return FP8Experts(weight=w.weight, scale=w.unit_scale, block_size=None)
+    if isinstance(w, GPTQExperts) and w.g_idx_per_part:
+        # Only a stacked gate/up weight may carry two row orders (one per half).
+        assert w.g_idx is not None
+        return w if w.qweight.dim() == 3 and w.g_idx.shape[1] == 2 else None
+    return w
 
 
 def packed_linear(x: torch.Tensor, w: Weights, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W.T + bias`` for a packed weight ``W``, output in ``x.dtype``."""
     if x.is_cuda:
         kernels = _fused_kernels()
-        if kernels is not None:
-            _, linear, packed_weights = kernels
-            kw = _kernel_weights(w, packed_weights)
-            if kw is not None:
-                fn = linear.fp8_linear if isinstance(w, FP8Weights) else linear.gptq_linear
-                return fn(x, kw, bias=bias)
-    return F.linear(x, w.decode(x.dtype), bias)
+        kw = _kernel_weights(w)
+        if kernels is not None and kw is not None:
+            linear = kernels[1]
+            fn = linear.fp8_linear if isinstance(w, FP8Experts) else linear.gptq_linear
+            return fn(x, kw, bias=bias)
+    return F.linear(x, decode(w, x.dtype), bias)
 
 
-def _kernel_sets(w: Experts, packed_weights: ModuleType) -> list | None:
+def _kernel_sets(w: Experts) -> list | None:
     """``[(kernel weights, expert map or None)]`` of one slot, or None when a set does not fit the kernels."""
     if isinstance(w, MixedExperts):
         out = []
         for s, weights in enumerate(w.sets):
-            kw = _kernel_weights(weights, packed_weights)
+            kw = _kernel_weights(weights)
             if kw is None:
                 return None
             out.append((kw, w.maps[s]))
         return out
-    kw = _kernel_weights(w, packed_weights)
+    kw = _kernel_weights(w)
     return None if kw is None else [(kw, None)]
 
 
@@ -240,8 +198,8 @@ def moe_fused_kernels(
     kernels = _fused_kernels()
     if kernels is None:
         return None
-    fused, _, packed_weights = kernels
-    k13, k2 = _kernel_sets(w13, packed_weights), _kernel_sets(w2, packed_weights)
+    fused, _ = kernels
+    k13, k2 = _kernel_sets(w13), _kernel_sets(w2)
     if k13 is None or k2 is None:
         return None
     return fused.fused_moe_sets(x, k13, k2, topk_weights.to(torch.float32), topk_ids.to(torch.int32),
@@ -271,11 +229,11 @@ def moe_forward(
 
 
 def _expert_mlp(tokens: torch.Tensor, w13: Experts, w2: Experts, expert: int, activation: str) -> torch.Tensor:
-    gate_up = F.linear(tokens, w13.expert(expert).decode(tokens.dtype))
+    gate_up = F.linear(tokens, decode(w13.expert(expert), tokens.dtype))
     half = gate_up.shape[-1] // 2
     gate = gate_up[..., :half]
     act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
-    return F.linear(act * gate_up[..., half:], w2.expert(expert).decode(tokens.dtype))
+    return F.linear(act * gate_up[..., half:], decode(w2.expert(expert), tokens.dtype))
 
 
 def _moe_every_expert(

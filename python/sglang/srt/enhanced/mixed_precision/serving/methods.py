@@ -28,13 +28,13 @@ from torch import nn
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.formats.fp8 import FP8Scale
 from sglang.srt.enhanced.mixed_precision.formats.gptq import is_trivial_g_idx, stored_zeros_look_v2
+from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import FP8Experts, GPTQExperts
 from sglang.srt.enhanced.mixed_precision.packing import block_shape
 from sglang.srt.enhanced.mixed_precision.plan import PlanEntry
 from sglang.srt.enhanced.mixed_precision.serving.compute import (
-    FP8Weights,
-    GPTQWeights,
     MixedExperts,
     PlainWeights,
+    gptq_loaded,
     moe_forward,
     packed_linear,
 )
@@ -189,7 +189,7 @@ class _PackedTensors:
         param.enhanced_filled += dest.numel()  # type: ignore[attr-defined]
 
     # -- after loading -------------------------------------------------------------------------
-    def finish(self, layer: nn.Module) -> GPTQWeights | FP8Weights | PlainWeights:
+    def finish(self, layer: nn.Module) -> GPTQExperts | FP8Experts | PlainWeights:
         """Check every parameter was filled; return the compute view of the packed weights."""
         for role, param in self.params.items():
             if param.enhanced_filled < param.numel():  # type: ignore[attr-defined]
@@ -203,7 +203,7 @@ class _PackedTensors:
         if self.fp8 is not None:
             scale = self.params[self.scale_suffix]
             block = self.fp8.weight_block_size if self.fp8_scale == FP8Scale.BLOCK else None
-            return FP8Weights(self.params["weight"].data, scale.data, block)
+            return FP8Experts(self.params["weight"].data, scale.data, block)
         assert self.gptq is not None
         g_idx = self.params.get("g_idx")
         if g_idx is not None and is_trivial_g_idx(g_idx.data, self.gptq.group_size):
@@ -221,7 +221,7 @@ class _PackedTensors:
                            "symmetric zero of 'gptq_v2'; serving as gptq_v2", self.layout.name,
                            1 << (self.gptq.bits - 1))
             zero_offset = 0
-        return GPTQWeights.loaded(self.params["qweight"].data, qzeros, self.params["scales"].data,
+        return gptq_loaded(self.params["qweight"].data, qzeros, self.params["scales"].data,
                            g_idx.data if g_idx is not None else None, self.gptq.bits, self.gptq.group_size,
                            zero_offset, self.bounds)
 
@@ -263,7 +263,7 @@ class PackedLinearMethod(LinearMethodBase):
     def __init__(self, layout: ModuleLayout) -> None:
         self.layout = layout
         self.tensors = _PackedTensors(layout, "", None)
-        self.weights: GPTQWeights | FP8Weights | None = None
+        self.weights: GPTQExperts | FP8Experts | None = None
 
     def create_weights(
         self,
@@ -322,7 +322,7 @@ class PackedMoEMethod(FusedMoEMethodBase):
         self.layout = layout
         self.w13 = _PackedTensors(layout, "w13_", None)
         self.w2 = _PackedTensors(layout, "w2_", None)
-        self.weights: tuple[GPTQWeights | FP8Weights, GPTQWeights | FP8Weights] | None = None
+        self.weights: tuple[GPTQExperts | FP8Experts, GPTQExperts | FP8Experts] | None = None
 
     def create_weights(
         self,
