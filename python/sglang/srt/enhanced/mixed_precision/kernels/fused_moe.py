@@ -340,7 +340,7 @@ def _launch_gemm(a, out, zero, align, topk_w, w, expert_map, n, k, pairs, top_k,
     )  # fmt: skip
 
 
-ExpertSet = tuple["GPTQExperts | FP8Experts", "torch.Tensor | None"]  # stacked experts, global -> local map
+ExpertsAndMap = tuple["GPTQExperts | FP8Experts", "torch.Tensor | None"]  # stacked experts, global -> local map
 
 
 def _num_experts(w: GPTQExperts | FP8Experts) -> int:
@@ -353,7 +353,7 @@ def _config_format(w: GPTQExperts | FP8Experts) -> str:
     return "fp8_block" if w.block_size is not None else "fp8_channel"
 
 
-def _check_moe(x, gate_up: Sequence[ExpertSet], down: Sequence[ExpertSet], topk_weights, topk_ids, activation
+def _check_moe(x, gate_up: Sequence[ExpertsAndMap], down: Sequence[ExpertsAndMap], topk_weights, topk_ids, activation
                ) -> tuple[int, int, int]:  # fmt: skip
     if activation not in ACTIVATIONS:
         raise EnhancedError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}",
@@ -393,8 +393,8 @@ def _check_moe(x, gate_up: Sequence[ExpertSet], down: Sequence[ExpertSet], topk_
 
 def fused_moe_sets(
     x: torch.Tensor,
-    gate_up: Sequence[ExpertSet],
-    down: Sequence[ExpertSet],
+    gate_up: Sequence[ExpertsAndMap],
+    down: Sequence[ExpertsAndMap],
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     *,
