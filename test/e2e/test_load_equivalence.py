@@ -279,7 +279,8 @@ def served(request: pytest.FixtureRequest, tiny_model_factory, tmp_path_factory)
     ]
     try:
         with ThreadPoolExecutor(len(servers)) as pool:
-            list(pool.map(lambda s: s.wait_ready(), servers))
+            # Three servers load at once: on a busy 2-core machine that alone can take minutes.
+            list(pool.map(lambda s: s.wait_ready(timeout=480), servers))
         stock, launcher_bf16, launcher_mixed = servers
         prompts = _prompts(bf16)
         results = {
