@@ -63,6 +63,16 @@ def _clear(zero_ptr, zero_numel, zero_chunk, lin):
 
 
 @triton.jit
+def _set_index(e, map_ptr, num_experts, HAS_MAP: tl.constexpr):
+    """Index of global expert ``e`` (int64) in this set, or -1 where the set does not hold it;
+    ids outside ``[0, num_experts)`` (pairs of other ranks) are -1 too."""
+    inside = (e >= 0) & (e < num_experts)
+    if HAS_MAP:
+        e = tl.load(map_ptr + tl.where(inside, e, 0)).to(tl.int64)
+    return tl.where(inside, e, -1)
+
+
+@triton.jit
 def _fused_moe_gemv_kernel(
     a_ptr, out_ptr, zero_ptr, topk_ids_ptr, topk_w_ptr, map_ptr,
     w_ptr, z_ptr, s_ptr, g_ptr,
@@ -87,13 +97,9 @@ def _fused_moe_gemv_kernel(
     pid_k = tl.program_id(2)
     if GATED:
         _clear(zero_ptr, zero_numel, zero_chunk, (p * tl.num_programs(1) + pid_n) * tl.num_programs(2) + pid_k)
-    e = tl.load(topk_ids_ptr + p).to(tl.int64)
-    if (e < 0) | (e >= num_experts):
+    e = _set_index(tl.load(topk_ids_ptr + p).to(tl.int64), map_ptr, num_experts, HAS_MAP)
+    if e < 0:
         return
-    if HAS_MAP:
-        e = tl.load(map_ptr + e).to(tl.int64)
-        if e < 0:
-            return
     row = p // top_k if GATED else p
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -154,12 +160,8 @@ def _split_act_kernel(part_ptr, out_ptr, topk_ids_ptr, map_ptr, N, pairs, num_ex
     Pairs the gate/up kernel skipped (another rank's, or another set's) are left alone.
     """
     p = tl.program_id(0)
-    e = tl.load(topk_ids_ptr + p).to(tl.int64)
-    if (e < 0) | (e >= num_experts):
+    if _set_index(tl.load(topk_ids_ptr + p).to(tl.int64), map_ptr, num_experts, HAS_MAP) < 0:
         return
-    if HAS_MAP:
-        if tl.load(map_ptr + e) < 0:
-            return
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     g = tl.zeros((BLOCK,), tl.float32)
@@ -444,11 +446,6 @@ def fused_moe_sets(
     return result
 
 
-def _fused_moe(x, w13, w2, topk_weights, topk_ids, activation, out, config: MoEConfig | None):
-    return fused_moe_sets(x, [(w13, None)], [(w2, None)], topk_weights, topk_ids, activation=activation, out=out,
-                          config=config)
-
-
 def fused_moe_gptq(
     x: torch.Tensor,
     w13: GPTQExperts,
@@ -465,7 +462,8 @@ def fused_moe_gptq(
     ``w13``: gate then up stacked along the output dim (``[E, H*bits/32, 2I]``); ``w2``: ``[E, I*bits/32, H]``.
     Pairs routed to experts outside ``[0, E)`` contribute nothing. ``config`` overrides the tuned choice.
     """
-    return _fused_moe(x, w13, w2, topk_weights, topk_ids, activation, out, config)
+    return fused_moe_sets(x, [(w13, None)], [(w2, None)], topk_weights, topk_ids, activation=activation, out=out,
+                          config=config)
 
 
 def fused_moe_fp8(
@@ -480,7 +478,8 @@ def fused_moe_fp8(
     config: MoEConfig | None = None,
 ) -> torch.Tensor:
     """:func:`fused_moe_gptq` for FP8 e4m3 experts (``w13 [E, 2I, H]``, ``w2 [E, H, I]``)."""
-    return _fused_moe(x, w13, w2, topk_weights, topk_ids, activation, out, config)
+    return fused_moe_sets(x, [(w13, None)], [(w2, None)], topk_weights, topk_ids, activation=activation, out=out,
+                          config=config)
 
 
 def _expert_weights_f64(w: GPTQExperts | FP8Experts) -> torch.Tensor:
