@@ -40,7 +40,9 @@ def test_hand_computed_pass(fold, device: torch.device) -> None:
 
 @pytest.mark.parametrize(
     ("layers", "rows", "top_k", "experts", "num_tokens", "clear_rows"),
-    [(3, 5, 2, 6, 5, 5), (4, 37, 3, 129, 30, 37), (2, 600, 8, 60, 513, 520), (1, 8, 1, 1, 0, 3)],
+    [(3, 5, 2, 6, 5, 5), (4, 37, 3, 129, 30, 37), (1, 8, 1, 1, 0, 3),
+     # above SPLIT_ABOVE_ROWS: blocks of rows per layer, the last ones only clearing padding rows
+     (2, 600, 8, 60, 513, 520), (2, 640, 2, 16, 100, 600)],
 )
 def test_kernel_matches_reference(device, layers, rows, top_k, experts, num_tokens, clear_rows) -> None:
     gen = torch.Generator().manual_seed(layers * 1000 + rows)
@@ -135,7 +137,7 @@ def test_hand_computed_ring_requests_and_pairs(fold, device: torch.device) -> No
 
 
 @pytest.mark.parametrize(("layers", "rows", "top_k", "experts", "num_tokens"),
-                         [(2, 9, 2, 6, 9), (3, 40, 4, 33, 37), (1, 300, 8, 64, 290)])
+                         [(2, 9, 2, 6, 9), (3, 40, 4, 33, 37), (1, 300, 8, 64, 290), (2, 700, 4, 20, 650)])
 def test_kernel_outputs_match_reference(device, layers, rows, top_k, experts, num_tokens) -> None:
     gen = torch.Generator().manual_seed(rows)
     staging = torch.stack([torch.stack([torch.randperm(experts + 1, generator=gen)[:top_k] - 1
@@ -149,3 +151,34 @@ def test_kernel_outputs_match_reference(device, layers, rows, top_k, experts, nu
         results.append([t.cpu() for t in (counts, out.ring, out.request_counts, out.coactivation)])
     for got, want in zip(*results, strict=True):
         assert torch.equal(got, want)
+
+
+def _compiled_variants() -> int:
+    from sglang.srt.enhanced.moe_tracker import fold_kernel
+
+    kernels = (fold_kernel._fold_pass_kernel, fold_kernel._fold_totals_kernel)  # noqa: SLF001
+    return sum(len(cache[0]) for k in kernels for cache in k.device_caches.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts compiled kernels (none under the interpreter)")
+def test_no_pass_compiles_after_warm_up(device: torch.device) -> None:
+    """After warm_up, passes of any size (decode, prefill, split) reuse compiled kernels, and count right."""
+    from sglang.srt.enhanced.moe_tracker.tracker import ExpertActivationTracker
+
+    layers, experts, top_k = 3, 24, 4
+    tracker = ExpertActivationTracker(layers, experts, top_k, max_tokens=64, device=device, window_passes=8)
+    tracker.enable_request_use(4)
+    tracker.warm_up()
+    compiled = _compiled_variants()
+    gen = torch.Generator().manual_seed(3)
+    routed = torch.zeros(layers, experts, dtype=torch.int64)
+    for tokens in (1, 3, 17, 64, 100, 300, 1000):
+        tracker.begin_pass(tokens, is_decode=tokens <= 64,
+                           token_rows=torch.randint(-1, 4, (tokens,), generator=gen).to(device))  # fmt: skip
+        for layer in range(layers):
+            ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+            routed[layer] += torch.bincount(ids.flatten(), minlength=experts)
+            tracker.record_routing(layer, ids.to(torch.int32).to(device))
+        tracker.end_pass()
+    assert _compiled_variants() == compiled
+    assert torch.equal(tracker.snapshot().tokens.sum(dim=0), routed)

@@ -183,13 +183,12 @@ def expert_map(experts: tuple[int, ...], num_experts: int, device) -> torch.Tens
 SPLIT_GEMV = MoEConfig("gemv", GemmConfig(16, 16, split_k=2), GemmConfig(32, 16, split_k=2))
 
 
-@pytest.mark.parametrize("cfg", [GEMV, SPLIT_GEMV, GEMM, None], ids=["gemv", "gemv-split", "gemm", "tuned"])
-def test_expert_sets_in_several_formats_add_into_one_output(cfg, device, poisoned):  # noqa: F811
-    """Gate/up in int4 / FP8-block / bf16 sets, down in int4 / FP8-channel sets, one launch each, one output.
+def mixed_sets_case(device: torch.device, gen: torch.Generator):  # noqa: ANN201
+    """Gate/up in int4 / FP8-block / bf16 sets, down in int4 / FP8-channel sets; routing with other ranks' pairs.
 
-    With gate/up split over K, each set's activation kernel must leave the other sets' pairs alone.
+    Returns ``(gate_up, down, tw, ti, reference, x_shape)``: the sets with their expert maps, the routing,
+    a float64 reference ``x -> out`` built from the global experts and the shape of ``x``.
     """
-    gen = torch.Generator().manual_seed(11)
     e, h, inter, t, top_k = 5, 32, 16, 6, 2
     gate_up = {(0, 2, 4): make_gptq(gen, 3, h, 2 * inter, 4, 16, device=device),
                (1,): make_fp8(gen, 1, h, 2 * inter, (16, 16), device=device),
@@ -199,22 +198,58 @@ def test_expert_sets_in_several_formats_add_into_one_output(cfg, device, poisone
     tw, ti = make_routing(gen, t, e, top_k, device=device)
     ti[t - 1, 1] = -1  # pairs of another rank
     ti[t - 2, 0] = e
-    x = torch.randn(t, h, generator=gen).to(torch.bfloat16).to(device)
-    y = fused_moe_sets(x, [(w, expert_map(ex, e, device)) for ex, w in gate_up.items()],
-                       [(w, expert_map(ex, e, device)) for ex, w in down.items()], tw, ti, config=cfg)  # fmt: skip
 
     def global_f64(sets: dict) -> torch.Tensor:  # noqa: ANN001
         per = {g: w for ex, s in sets.items() for g, w in zip(ex, _expert_weights_f64(s), strict=True)}
         return torch.stack([per[g] for g in range(e)]).cpu()
 
     w13, w2 = global_f64(gate_up), global_f64(down)
-    ref = torch.zeros(t, h, dtype=torch.float64)
-    for r in range(t):
-        for j in range(top_k):
-            g = int(ti[r, j])
-            if not 0 <= g < e:
-                continue
-            gu = w13[g] @ x[r].double().cpu()
-            ref[r] += float(tw[r, j]) * (w2[g] @ (torch.nn.functional.silu(gu[:inter]) * gu[inter:]))
-    assert rel_err(y, ref) < REL_TOL[torch.bfloat16]
 
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        ref = torch.zeros(t, h, dtype=torch.float64)
+        for r in range(t):
+            for j in range(top_k):
+                g = int(ti[r, j])
+                if not 0 <= g < e:
+                    continue
+                gu = w13[g] @ x[r].double().cpu()
+                ref[r] += float(tw[r, j]) * (w2[g] @ (torch.nn.functional.silu(gu[:inter]) * gu[inter:]))
+        return ref
+
+    sets13 = [(w, expert_map(ex, e, device)) for ex, w in gate_up.items()]
+    sets2 = [(w, expert_map(ex, e, device)) for ex, w in down.items()]
+    return sets13, sets2, tw, ti, reference, (t, h)
+
+
+@pytest.mark.parametrize("cfg", [GEMV, SPLIT_GEMV, GEMM, None], ids=["gemv", "gemv-split", "gemm", "tuned"])
+def test_expert_sets_in_several_formats_add_into_one_output(cfg, device, poisoned):  # noqa: F811
+    """One launch per set and projection, one output.
+
+    With gate/up split over K, each set's activation kernel must leave the other sets' pairs alone.
+    """
+    gen = torch.Generator().manual_seed(11)
+    sets13, sets2, tw, ti, reference, shape = mixed_sets_case(device, gen)
+    x = torch.randn(*shape, generator=gen).to(torch.bfloat16).to(device)
+    y = fused_moe_sets(x, sets13, sets2, tw, ti, config=cfg)
+    assert rel_err(y, reference(x)) < REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("cfg", [SPLIT_GEMV, GEMM], ids=["gemv-split", "gemm"])
+def test_expert_sets_side_by_side_in_a_cuda_graph(cfg, device):
+    """The sets' launches on side streams are captured as parallel branches: a replay on new inputs is right."""
+    gen = torch.Generator().manual_seed(12)
+    sets13, sets2, tw, ti, reference, shape = mixed_sets_case(device, gen)
+    x = torch.randn(*shape, generator=gen).to(torch.bfloat16).to(device)
+    out = torch.empty_like(x)
+    for _ in range(2):  # warm-up outside capture, as SGLang's graph runner does
+        fused_moe_sets(x, sets13, sets2, tw, ti, config=cfg, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused_moe_sets(x, sets13, sets2, tw, ti, config=cfg, out=out)
+    for seed in (13, 14):
+        x.copy_(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, reference(x)) < REL_TOL[torch.bfloat16]

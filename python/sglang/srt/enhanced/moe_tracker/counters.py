@@ -139,6 +139,14 @@ class ExpertCounters:
             )
         return self.request_counts
 
+    def warm_up(self) -> None:
+        """Compile the fold kernel's variants now (CUDA), not at the first pass of each kind."""
+        if self.fold_impl == "triton" and self.routing_enabled:
+            from sglang.srt.enhanced.moe_tracker import fold_kernel
+
+            fold_kernel.warm_up(self.routing_experts, self.top_k, self.device, ring=self.ring is not None,
+                                coactivation=self.coactivation is not None)  # fmt: skip
+
     # ------------------------------------------------------------------ staging
     @property
     def capacity(self) -> int:

@@ -6,7 +6,9 @@ staged rows (ids outside ``[0, num_experts)`` are ignored), add the histogram to
 current and lifetime token totals of ``phase``, add 1 to the activation totals of every
 expert that got a token, set those experts' last activation time to ``now``, and reset
 the first ``clear_rows`` staged rows to ``-1``. One program per layer owns that layer's
-counters, so no atomics are needed for them. ``fold_pass_ref`` is the torch reference.
+counters, so no atomics are needed for them. A pass of more than ``SPLIT_ABOVE_ROWS`` rows
+(a prefill) is cut into blocks of rows, one program each, whose histograms meet in a scratch
+one; a second launch adds it to the totals. ``fold_pass_ref`` is the torch reference.
 
 Optional outputs of the same kernel (``PassOutputs``): the pass's histogram written to one
 slot of a ring of recent passes (``ring`` int32 ``[slots, layers, num_experts]``); each
@@ -36,54 +38,37 @@ from sglang.srt.enhanced.moe_tracker.counters import PassOutputs
 
 # Elements of the [ids, experts] comparison tile one program holds at a time.
 _TILE = 8192
+# Passes of more rows than this are cut into blocks of TOKENS_PER_PROGRAM rows per layer: one
+# program each, their histograms added into a scratch one (atomics), then a second launch
+# adds that to the totals. A smaller pass is one program per layer, one launch.
+SPLIT_ABOVE_ROWS = 256
+TOKENS_PER_PROGRAM = 128
+# Tokens per step of the per-request and pair loop. The tile sizes do not depend on the pass's
+# size, so a server compiles each variant once (see warm_up), not at each new prefill length.
+BLOCK_T = 64
 
 
 @triton.jit
-def _fold_pass_kernel(
-    staging_ptr,
-    counts_ptr,
-    last_ptr,
-    num_ids,
-    clear_ids,
-    staging_layer_stride,
-    num_experts,
-    lifetime_stride,
-    activations_stride,
-    phase_offset,
-    layer_stride,
-    now_seconds,
-    now_fraction,
-    ring_ptr,
-    ring_offset,
-    request_ptr,
-    token_rows_ptr,
-    request_row_stride,
-    coact_ptr,
-    num_tokens,
-    BLOCK_IDS: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    TOP_K: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    RING: tl.constexpr,
-    REQUESTS: tl.constexpr,
-    COACT: tl.constexpr,
-):
-    layer = tl.program_id(0)
+def _count_rows(
+    base, layer, t0, t1, c1, num_experts, request_ptr, token_rows_ptr, request_row_stride, coact_ptr,
+    BLOCK_IDS: tl.constexpr, BLOCK_E: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
+    REQUESTS: tl.constexpr, COACT: tl.constexpr,
+):  # fmt: skip
+    """Histogram of one layer's staged rows ``[t0, t1)``, their per-request and pair counts; rows ``[t0, c1)`` reset."""
     experts = tl.arange(0, BLOCK_E)
-    base = staging_ptr + layer.to(tl.int64) * staging_layer_stride
     hist = tl.zeros([BLOCK_E], dtype=tl.int32)
     # while loops (not range) so the Triton interpreter also runs this with scalar bounds.
-    start = 0
-    while start < num_ids:
+    start = t0 * TOP_K
+    while start < t1 * TOP_K:
         offs = start + tl.arange(0, BLOCK_IDS)
-        ids = tl.load(base + offs, mask=offs < num_ids, other=-1)
+        ids = tl.load(base + offs, mask=offs < t1 * TOP_K, other=-1)
         hist += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
         start += BLOCK_IDS
     if REQUESTS or COACT:
-        start = 0
-        while start < num_tokens:
+        start = t0
+        while start < t1:
             toks = start + tl.arange(0, BLOCK_T)
-            live = toks < num_tokens
+            live = toks < t1
             if REQUESTS:
                 req_row = tl.load(token_rows_ptr + toks, mask=live, other=-1)
                 req_base = request_ptr + req_row * request_row_stride + layer.to(tl.int64) * num_experts
@@ -102,13 +87,23 @@ def _fold_pass_kernel(
                         pair = coact_ptr + (layer.to(tl.int64) * num_experts + lo) * num_experts + hi
                         tl.atomic_add(pair, tl.full([BLOCK_T], 1, tl.int64), mask=ok, sem="relaxed")
             start += BLOCK_T
-        # Every thread has read its ids before any thread clears them.
-        tl.debug_barrier()
-    start = 0
-    while start < clear_ids:
+    # Every thread has read its ids before any thread clears them.
+    tl.debug_barrier()
+    start = t0 * TOP_K
+    while start < c1 * TOP_K:
         offs = start + tl.arange(0, BLOCK_IDS)
-        tl.store(base + offs, tl.full([BLOCK_IDS], -1, tl.int32), mask=offs < clear_ids)
+        tl.store(base + offs, tl.full([BLOCK_IDS], -1, tl.int32), mask=offs < c1 * TOP_K)
         start += BLOCK_IDS
+    return hist
+
+
+@triton.jit
+def _add_to_totals(
+    hist, layer, counts_ptr, last_ptr, num_experts, lifetime_stride, activations_stride, phase_offset, layer_stride,
+    now_seconds, now_fraction, ring_ptr, ring_offset, BLOCK_E: tl.constexpr, RING: tl.constexpr,
+):  # fmt: skip
+    """Add one layer's pass histogram to its current and lifetime totals, last times and ring slot."""
+    experts = tl.arange(0, BLOCK_E)
     in_range = experts < num_experts
     hit = hist > 0
     tokens = hist.to(tl.int64)
@@ -127,6 +122,57 @@ def _fold_pass_kernel(
     )
     if RING:
         tl.store(ring_ptr + ring_offset + layer.to(tl.int64) * num_experts + experts, hist, mask=in_range)
+
+
+# No integer argument is specialised (Triton compiles a variant per "== 1" / "divisible by 16"
+# value): per-pass ones (token counts, time, ring slot) would compile new variants as a server
+# runs, shape ones would make warm_up's scratch tensors compile other variants than the tracker's.
+_FOLD_INTS = ["num_tokens", "clear_rows", "rows_per_program", "staging_layer_stride", "num_experts",
+              "lifetime_stride", "activations_stride", "phase_offset", "layer_stride", "now_seconds",
+              "ring_offset", "request_row_stride"]  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_FOLD_INTS)
+def _fold_pass_kernel(
+    staging_ptr, counts_ptr, last_ptr, hist_ptr,
+    num_tokens, clear_rows, rows_per_program, staging_layer_stride, num_experts,
+    lifetime_stride, activations_stride, phase_offset, layer_stride, now_seconds, now_fraction,
+    ring_ptr, ring_offset, request_ptr, token_rows_ptr, request_row_stride, coact_ptr,
+    BLOCK_IDS: tl.constexpr, BLOCK_E: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
+    RING: tl.constexpr, REQUESTS: tl.constexpr, COACT: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """Program ``(layer, block)``: rows ``[block * rows_per_program, ...)`` of one layer.
+
+    Not SPLIT (one block per layer): the histogram goes straight into the totals. SPLIT: it is
+    added into ``hist_ptr`` int32 ``[layers, num_experts]`` for :func:`_fold_totals_kernel`.
+    """
+    layer = tl.program_id(0)
+    t0 = tl.program_id(1) * rows_per_program
+    t1 = tl.minimum(t0 + rows_per_program, num_tokens)
+    c1 = tl.minimum(t0 + rows_per_program, clear_rows)
+    base = staging_ptr + layer.to(tl.int64) * staging_layer_stride
+    hist = _count_rows(base, layer, t0, t1, c1, num_experts, request_ptr, token_rows_ptr, request_row_stride,
+                       coact_ptr, BLOCK_IDS, BLOCK_E, TOP_K, BLOCK_T, REQUESTS, COACT)  # fmt: skip
+    if SPLIT:
+        experts = tl.arange(0, BLOCK_E)
+        tl.atomic_add(hist_ptr + layer * num_experts + experts, hist, mask=(experts < num_experts) & (hist > 0),
+                      sem="relaxed")  # fmt: skip
+    else:
+        _add_to_totals(hist, layer, counts_ptr, last_ptr, num_experts, lifetime_stride, activations_stride,
+                       phase_offset, layer_stride, now_seconds, now_fraction, ring_ptr, ring_offset, BLOCK_E, RING)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_FOLD_INTS[4:11])
+def _fold_totals_kernel(
+    hist_ptr, counts_ptr, last_ptr, num_experts, lifetime_stride, activations_stride, phase_offset, layer_stride,
+    now_seconds, now_fraction, ring_ptr, ring_offset, BLOCK_E: tl.constexpr, RING: tl.constexpr,
+):  # fmt: skip
+    """One program per layer: the SPLIT pass's summed histogram into the totals."""
+    layer = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)
+    hist = tl.load(hist_ptr + layer * num_experts + experts, mask=experts < num_experts, other=0)
+    _add_to_totals(hist, layer, counts_ptr, last_ptr, num_experts, lifetime_stride, activations_stride,
+                   phase_offset, layer_stride, now_seconds, now_fraction, ring_ptr, ring_offset, BLOCK_E, RING)  # fmt: skip
 
 
 def _check(staging: torch.Tensor, counts: torch.Tensor, last: torch.Tensor, phase: int, num_experts: int) -> None:
@@ -175,7 +221,8 @@ def fold_pass(
 ) -> None:
     """Fold rows ``[:num_tokens]`` of ``staging`` into ``counts`` / ``last``, then clear ``[:clear_rows]``.
 
-    One kernel launch, no host sync. Row counts are clipped to the staging buffer.
+    One kernel launch (two above ``SPLIT_ABOVE_ROWS`` rows), no host sync. Row counts are clipped
+    to the staging buffer.
     ``outputs`` adds the ring slot, per-request and co-activation counts.
     """
     _check(staging, counts, last, phase, num_experts)
@@ -186,26 +233,49 @@ def fold_pass(
     if layers == 0 or num_experts == 0 or (num_tokens == 0 and clear_rows == 0 and out.ring is None):
         return
     block_e = triton.next_power_of_2(num_experts)
-    block_ids = max(16, min(triton.next_power_of_2(max(num_tokens * top_k, 1)), max(16, _TILE // block_e)))
+    split = max(num_tokens, clear_rows) > SPLIT_ABOVE_ROWS
+    per_program = TOKENS_PER_PROGRAM if split else max(num_tokens, clear_rows, 1)
+    blocks = triton.cdiv(max(num_tokens, clear_rows, 1), per_program)
     seconds = math.floor(now)
     requests = out.request_counts is not None and num_tokens > 0
     coact = out.coactivation is not None and num_tokens > 0 and top_k > 1
-    _fold_pass_kernel[(layers,)](
-        staging, counts, last,
-        num_tokens * top_k, clear_rows * top_k, rows * top_k, num_experts,
-        counts.stride(0), counts.stride(1), phase * counts.stride(2), counts.stride(3),
-        int(seconds), float(now - seconds),
-        out.ring if out.ring is not None else counts,
-        out.ring_slot * layers * num_experts,
+    hist = torch.zeros(layers, num_experts, dtype=torch.int32, device=staging.device) if split else counts
+    totals = (
+        counts.stride(0), counts.stride(1), phase * counts.stride(2), counts.stride(3), int(seconds),
+        float(now - seconds), out.ring if out.ring is not None else counts, out.ring_slot * layers * num_experts,
+    )  # fmt: skip
+    _fold_pass_kernel[(layers, blocks)](
+        staging, counts, last, hist,
+        num_tokens, clear_rows, per_program, rows * top_k, num_experts, *totals,
         out.request_counts if requests else counts,
         out.token_rows if requests else counts,
         layers * num_experts,
         out.coactivation if coact else counts,
-        num_tokens,
-        BLOCK_IDS=block_ids, BLOCK_E=block_e, TOP_K=top_k,
-        BLOCK_T=max(16, min(triton.next_power_of_2(max(num_tokens, 1)), 256)),
-        RING=out.ring is not None, REQUESTS=requests, COACT=coact,
+        BLOCK_IDS=max(16, _TILE // block_e), BLOCK_E=block_e, TOP_K=top_k, BLOCK_T=BLOCK_T,
+        RING=out.ring is not None, REQUESTS=requests, COACT=coact, SPLIT=split,
     )  # fmt: skip
+    if split:
+        _fold_totals_kernel[(layers,)](hist, counts, last, num_experts, *totals, BLOCK_E=block_e,
+                                       RING=out.ring is not None)  # fmt: skip
+
+
+def warm_up(num_experts: int, top_k: int, device: torch.device, *, ring: bool, coactivation: bool) -> None:
+    """Compile the fold's variants a server meets (one program per layer or split; with and without
+    per-request counts) on scratch tensors, so no pass waits for the compiler."""
+    counts = torch.zeros(2, 2, 2, 1, num_experts, dtype=torch.int64, device=device)
+    last = torch.zeros(1, num_experts, dtype=torch.float64, device=device)
+    rows = SPLIT_ABOVE_ROWS + 1
+    for tokens in (1, rows):
+        for requests in (False, True):
+            out = PassOutputs(
+                ring=torch.zeros(1, 1, num_experts, dtype=torch.int32, device=device) if ring else None,
+                request_counts=torch.zeros(1, 1, num_experts, dtype=torch.int32, device=device) if requests else None,
+                token_rows=torch.zeros(rows, dtype=torch.int64, device=device) if requests else None,
+                coactivation=torch.zeros(1, num_experts, num_experts, dtype=torch.int64, device=device)
+                if coactivation else None,
+            )
+            staging = torch.zeros(1, rows, top_k, dtype=torch.int32, device=device)
+            fold_pass(staging, tokens, tokens, counts, last, 0, 0.0, num_experts, out)
 
 
 def fold_pass_ref(

@@ -282,6 +282,7 @@ def install_tracking_recorder(model: nn.Module, model_config: Any, settings: Lau
             window_passes=settings.expert_window_passes,
             coactivation=settings.expert_coactivation,
         )
+        tracker.warm_up()
         set_global_expert_tracker(tracker)
         logger.info("Expert tracking on %d MoE layers x %d experts (top-%d)",
                     len(layers), tracker.num_experts, first.top_k)

@@ -140,6 +140,10 @@ class ExpertActivationTracker:
                 slots = self._counters.enable_request_slots(num_slots)
                 self.request_use = RequestExpertUse(slots, max_records)
 
+    def warm_up(self) -> None:
+        """Compile the device path's kernels now (CUDA), so no served pass waits for them."""
+        self._counters.warm_up()
+
     def release_request_slot(self, slot: int, request_id: str, finished: bool) -> None:
         """Request ``request_id`` leaves slot ``slot``; ``finished`` closes its record. No host sync."""
         with self._lock:

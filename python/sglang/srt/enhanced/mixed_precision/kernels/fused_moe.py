@@ -12,13 +12,14 @@ Two kernel shapes, chosen by batch size (``moe_configs.pick_moe_config``):
 Both accumulate in float32. The gate/up kernel also clears the float32 output that the down
 kernel adds into (atomically); the result is cast to the activation dtype at the end. A layer
 whose experts come in several formats runs one launch per format and projection
-(:func:`fused_moe_sets`); each maps the routed global expert ids to its own (``HAS_MAP``)
-and skips the pairs of other formats.
+(:func:`fused_moe_sets`), side by side on CUDA streams of their own; each maps the routed
+global expert ids to its own (``HAS_MAP``) and skips the pairs of other formats.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import triton
@@ -72,7 +73,9 @@ def _set_index(e, map_ptr, num_experts, HAS_MAP: tl.constexpr):
     return tl.where(inside, e, -1)
 
 
-@triton.jit
+# Integers that follow the batch's token count are not specialised (Triton compiles a variant
+# per "== 1" / "divisible by 16"): a new prefill length reuses the compiled kernels.
+@triton.jit(do_not_specialize=["zero_numel", "zero_chunk"])
 def _fused_moe_gemv_kernel(
     a_ptr, out_ptr, zero_ptr, topk_ids_ptr, topk_w_ptr, map_ptr,
     w_ptr, z_ptr, s_ptr, g_ptr,
@@ -152,7 +155,7 @@ def _fused_moe_gemv_kernel(
         tl.atomic_add(out_ptr + (p // top_k).to(tl.int64) * so_m + offs_n, acc * wgt, mask=mask_n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pairs"])
 def _split_act_kernel(part_ptr, out_ptr, topk_ids_ptr, map_ptr, N, pairs, num_experts, sp_m, so_m,
                       SPLITS: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, HAS_MAP: tl.constexpr):  # fmt: skip
     """``out[p, n] = act(sum_s part[s, p, n]) * sum_s part[s, p, N + n]`` for one pair and ``BLOCK`` outputs.
@@ -174,7 +177,7 @@ def _split_act_kernel(part_ptr, out_ptr, topk_ids_ptr, map_ptr, N, pairs, num_ex
     tl.store(out_ptr + p.to(tl.int64) * so_m + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "zero_numel", "zero_chunk"])
 def _fused_moe_gemm_kernel(
     a_ptr, out_ptr, zero_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, topk_w_ptr, map_ptr,
     w_ptr, z_ptr, s_ptr, g_ptr,
@@ -393,6 +396,35 @@ def _check_moe(x, gate_up: Sequence[ExpertsAndMap], down: Sequence[ExpertsAndMap
     return num_experts, h, two_i // 2
 
 
+_SIDE_STREAMS: dict[int, list[torch.cuda.Stream]] = {}
+
+
+def _run_side_by_side(launches: Sequence[Callable[[], None]], device: torch.device) -> None:
+    """Run the launches of one projection's sets concurrently, all done when this returns (stream-ordered).
+
+    The first runs on the current stream, each other on a side stream of its own that waits for
+    the current stream first and that the current stream then waits for: a few pairs of another
+    format run beside the main set's instead of after them. Inside CUDA-graph capture the side
+    streams become parallel branches of the graph. On the CPU (the interpreter) they run in turn.
+    """
+    if len(launches) == 1 or device.type != "cuda":
+        for launch in launches:
+            launch()
+        return
+    main = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.setdefault(device.index or 0, [])
+    while len(side) < len(launches) - 1:
+        side.append(torch.cuda.Stream(device))
+    for stream in side[: len(launches) - 1]:
+        stream.wait_stream(main)
+    launches[0]()
+    for stream, launch in zip(side, launches[1:], strict=False):
+        with torch.cuda.stream(stream):
+            launch()
+    for stream in side[: len(launches) - 1]:
+        main.wait_stream(stream)
+
+
 def fused_moe_sets(
     x: torch.Tensor,
     gate_up: Sequence[ExpertsAndMap],
@@ -404,7 +436,8 @@ def fused_moe_sets(
     out: torch.Tensor | None = None,
     config: MoEConfig | None = None,
 ) -> torch.Tensor:
-    """Fused MoE over experts held in several stacked sets (one per format): one launch per set and projection.
+    """Fused MoE over experts held in several stacked sets (one per format): one launch per set and projection,
+    the sets of one projection side by side (:func:`_run_side_by_side`).
 
     Each set is ``(experts, expert_map)``: ``expert_map`` int32 ``[E]`` gives a global expert's
     index in the set or -1 where the set does not hold it (None: the set holds every expert, in
@@ -430,18 +463,20 @@ def fused_moe_sets(
     for gated, sets in ((True, gate_up), (False, down)):
         n, k = (inter, h) if gated else (h, inter)
         a, dest = (x, mid) if gated else (mid, acc)
+        launches = []
         for i, (w, expert_map) in enumerate(sets):
             zero = acc if gated and i == 0 else acc[:0]
             cfg = config or pick_moe_config(_config_format(w), e_all, h, inter, top_k, t, x.device)  # layer's shape
             tile = cfg.up if gated else cfg.down
             if cfg.path == "gemv":
-                _launch_gemv(a, dest, zero, topk_ids, topk_weights, w, expert_map, n, k, e_all, top_k, tile, gated,
-                             act)  # fmt: skip
+                launches.append(partial(_launch_gemv, a, dest, zero, topk_ids, topk_weights, w, expert_map, n, k,
+                                        e_all, top_k, tile, gated, act))  # fmt: skip
             else:
                 if cfg.block_m not in aligned:  # one alignment of the global ids serves every set
                     aligned[cfg.block_m] = moe_align_block_size(topk_ids, cfg.block_m, e_all)
-                _launch_gemm(a, dest, zero, aligned[cfg.block_m], topk_weights, w, expert_map, n, k, pairs, top_k,
-                             cfg.block_m, tile, gated, act)  # fmt: skip
+                launches.append(partial(_launch_gemm, a, dest, zero, aligned[cfg.block_m], topk_weights, w,
+                                        expert_map, n, k, pairs, top_k, cfg.block_m, tile, gated, act))  # fmt: skip
+        _run_side_by_side(launches, x.device)
     result.copy_(acc)
     return result
 

@@ -43,7 +43,8 @@ class LinearConfig:
     use_dot: bool = True
 
 
-@triton.jit
+# M (the batch's token count) is not specialised: a new prefill length reuses the compiled kernel.
+@triton.jit(do_not_specialize=["M"])
 def _packed_linear_kernel(
     x_ptr, out_ptr, bias_ptr, w_ptr, z_ptr, s_ptr, g_ptr,
     M, N, K, gs, zero_offset, BO, BI,
