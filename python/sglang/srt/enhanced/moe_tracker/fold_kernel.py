@@ -127,9 +127,10 @@ def _add_to_totals(
 # No integer argument is specialised (Triton compiles a variant per "== 1" / "divisible by 16"
 # value): per-pass ones (token counts, time, ring slot) would compile new variants as a server
 # runs, shape ones would make warm_up's scratch tensors compile other variants than the tracker's.
-_FOLD_INTS = ["num_tokens", "clear_rows", "rows_per_program", "staging_layer_stride", "num_experts",
-              "lifetime_stride", "activations_stride", "phase_offset", "layer_stride", "now_seconds",
-              "ring_offset", "request_row_stride"]  # fmt: skip
+_TOTALS_INTS = ["num_experts", "lifetime_stride", "activations_stride", "phase_offset", "layer_stride",
+                "now_seconds", "ring_offset"]  # fmt: skip
+_FOLD_INTS = ["num_tokens", "clear_rows", "rows_per_program", "staging_layer_stride", *_TOTALS_INTS,
+              "request_row_stride"]  # fmt: skip
 
 
 @triton.jit(do_not_specialize=_FOLD_INTS)
@@ -162,7 +163,7 @@ def _fold_pass_kernel(
                        phase_offset, layer_stride, now_seconds, now_fraction, ring_ptr, ring_offset, BLOCK_E, RING)  # fmt: skip
 
 
-@triton.jit(do_not_specialize=_FOLD_INTS[4:11])
+@triton.jit(do_not_specialize=_TOTALS_INTS)
 def _fold_totals_kernel(
     hist_ptr, counts_ptr, last_ptr, num_experts, lifetime_stride, activations_stride, phase_offset, layer_stride,
     now_seconds, now_fraction, ring_ptr, ring_offset, BLOCK_E: tl.constexpr, RING: tl.constexpr,

@@ -412,16 +412,17 @@ def _run_side_by_side(launches: Sequence[Callable[[], None]], device: torch.devi
             launch()
         return
     main = torch.cuda.current_stream(device)
-    side = _SIDE_STREAMS.setdefault(device.index or 0, [])
-    while len(side) < len(launches) - 1:
-        side.append(torch.cuda.Stream(device))
-    for stream in side[: len(launches) - 1]:
+    cached = _SIDE_STREAMS.setdefault(device.index or 0, [])
+    while len(cached) < len(launches) - 1:
+        cached.append(torch.cuda.Stream(device))
+    side = cached[: len(launches) - 1]
+    for stream in side:
         stream.wait_stream(main)
     launches[0]()
-    for stream, launch in zip(side, launches[1:], strict=False):
+    for stream, launch in zip(side, launches[1:], strict=True):
         with torch.cuda.stream(stream):
             launch()
-    for stream in side[: len(launches) - 1]:
+    for stream in side:
         main.wait_stream(stream)
 
 

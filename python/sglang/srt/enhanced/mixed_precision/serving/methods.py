@@ -333,15 +333,21 @@ class PackedMoEMethod(FusedMoEMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs: Any,
     ) -> None:
-        full = _part_features(self.layout, "w1")
-        self.w13.experts = self.w2.experts = num_experts
-        self.w13.create(layer, 2 * intermediate_size, hidden_size, hidden_size,
-                        [0, intermediate_size, 2 * intermediate_size])
-        self.w2.create(layer, hidden_size, intermediate_size, full, [0, hidden_size])
+        full = _part_features(self.layout, "w1")  # the down projection's unsharded input features
         loader = self._loader(layer)
-        for tensors in (self.w13, self.w2):
+        for slot, tensors in self._slot_tensors(num_experts):
+            if slot == "w13":
+                tensors.create(layer, 2 * intermediate_size, hidden_size, hidden_size,
+                               [0, intermediate_size, 2 * intermediate_size], params_dtype)  # fmt: skip
+            else:
+                tensors.create(layer, hidden_size, intermediate_size, full, [0, hidden_size], params_dtype)
             for param in tensors.params.values():
                 param.weight_loader = loader  # type: ignore[attr-defined]
+
+    def _slot_tensors(self, num_experts: int) -> list[tuple[str, _PackedTensors]]:
+        """The packed tensor sets to create, each with its slot (``w13`` gate+up, ``w2`` down)."""
+        self.w13.experts = self.w2.experts = num_experts
+        return [("w13", self.w13), ("w2", self.w2)]
 
     def _loader(self, layer: nn.Module):  # noqa: ANN202
         def weight_loader(
@@ -409,33 +415,19 @@ class PackedMixedMoEMethod(PackedMoEMethod):
         }
         self.weights: tuple[MixedExperts, MixedExperts] | None = None  # type: ignore[assignment]
 
-    def create_weights(
-        self,
-        layer: nn.Module,
-        num_experts: int,
-        hidden_size: int,
-        intermediate_size: int,
-        params_dtype: torch.dtype,
-        **extra_weight_attrs: Any,
-    ) -> None:
-        full = _part_features(self.layout, "w1")
+    def _slot_tensors(self, num_experts: int) -> list[tuple[str, _PackedTensors]]:
+        """Every expert set, after checking that each slot's sets hold experts ``0..num_experts-1``;
+        a later set's tensor whose name an earlier set of its slot took gets its format in the name."""
         for slot in ("w13", "w2"):
             held = sorted(e for s, e in self.owner if s == slot)
             if held != list(range(num_experts)):
                 raise EnhancedError(f"the {slot} expert sets hold experts {held}, not 0..{num_experts - 1}",
                                     culprit=self.layout.name)
         taken: set[str] = set()
-        loader = self._loader(layer)
         for s, tensors in self.sets:
             tensors.tagged = frozenset(r for r in tensors.roles() if f"{s.slot}_{r}" in taken)
             taken.update(f"{s.slot}_{r}" for r in tensors.roles())
-            if s.slot == "w13":
-                tensors.create(layer, 2 * intermediate_size, hidden_size, hidden_size,
-                               [0, intermediate_size, 2 * intermediate_size], params_dtype)
-            else:
-                tensors.create(layer, hidden_size, intermediate_size, full, [0, hidden_size], params_dtype)
-            for param in tensors.params.values():
-                param.weight_loader = loader  # type: ignore[attr-defined]
+        return [(s.slot, tensors) for s, tensors in self.sets]
 
     def _loader(self, layer: nn.Module):  # noqa: ANN202
         def weight_loader(
