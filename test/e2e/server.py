@@ -39,20 +39,37 @@ class ServerProcess:
     """A server started in its own process group; ``stop()`` kills the whole group."""
 
     def __init__(self, argv: Sequence[str], port: int, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.argv = list(argv)
+        self.env = {**os.environ, **(env or {})}
+        self.restarts = 0
+        self._spawn(port, log_path)
+
+    def _spawn(self, port: int, log_path: Path) -> None:
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            list(argv), stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
-            env={**os.environ, **(env or {})}, start_new_session=True,
-        )
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=self.env,
+                                     start_new_session=True)  # fmt: skip
+
+    def _restart_on_a_new_port(self) -> None:
+        """Start the same server again on a free port (its ``--port`` argument replaced), logging anew."""
+        self.stop()
+        port = free_port()
+        self.argv[self.argv.index("--port") + 1] = str(port)
+        self.restarts += 1
+        self._spawn(port, self.log_path.with_name(f"{self.log_path.stem}-restart{self.restarts}.log"))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 240.0) -> ServerProcess:
-        """Wait for /health and the end of SGLang's own warm-up request; raise with the log tail otherwise."""
+    def wait_ready(self, timeout: float = 240.0, restarts: int = 2) -> ServerProcess:
+        """Wait for /health and the end of SGLang's own warm-up request; raise with the log tail otherwise.
+
+        Servers started side by side can take each other's ports (a TP group's rendezvous and gloo
+        ports are chosen by SGLang and torch): a server whose port was taken before it bound it is
+        started again on a new port, up to ``restarts`` times, within the same ``timeout``.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             exited = self.proc.poll() is not None
@@ -64,8 +81,11 @@ class ServerProcess:
             if healthy and READY_LINE in log:
                 return self
             if BIND_FAILED in log:  # its HTTP port or a port of its TP group's rendezvous (also once exited)
+                if self.restarts < restarts:
+                    self._restart_on_a_new_port()
+                    continue
                 self.stop()
-                raise PortTaken(f"port taken before the server bound it:\n{log[-2000:]}")
+                raise PortTaken(f"port taken before the server bound it, {self.restarts} restarts:\n{log[-2000:]}")
             if exited:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log[-4000:]}")
             time.sleep(1.0)

@@ -63,7 +63,7 @@ import pytest
 import requests
 import yaml
 
-from .server import REPO, PortTaken, ServerProcess, prompt_logprobs, start_enhanced
+from .server import REPO, ServerProcess, prompt_logprobs, start_enhanced
 
 pytestmark = pytest.mark.e2e
 
@@ -196,15 +196,10 @@ def servers(demo_checkpoints, packed_checkpoints, tmp_path_factory) -> dict[str,
 
     def ready(key: tuple[str, int]) -> ServerProcess:
         # A TP=2 server's gloo connections take ephemeral ports; another server's chosen HTTP
-        # port may be among them by the time it binds: then it starts again on a new port.
-        for attempt in range(3):
-            server = start_enhanced(bf16, work, *launches[key], name=f"{key[0]}-tp{key[1]}-{attempt}")
-            started.append(server)
-            try:
-                return server.wait_ready(timeout=420)
-            except PortTaken:
-                continue
-        raise RuntimeError(f"{key}: no free port in three starts")
+        # port may be among them by the time it binds: wait_ready then starts it again on a new port.
+        server = start_enhanced(bf16, work, *launches[key], name=f"{key[0]}-tp{key[1]}")
+        started.append(server)
+        return server.wait_ready(timeout=420)
 
     try:
         with ThreadPoolExecutor(len(launches)) as pool:
