@@ -29,6 +29,7 @@ from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import FP8Expert
 
 GEMV = MoEConfig("gemv", GemmConfig(32, 32), GemmConfig(32, 32, split_k=2))
 GEMM = MoEConfig("gemm", GemmConfig(32, 32), GemmConfig(32, 32), block_m=16)
+GROUPED = MoEConfig("grouped", GemmConfig(16, 32), GemmConfig(32, 16), block_m=4)
 # Relative Frobenius error: bf16 activations and a bf16 intermediate (act(gate) * up).
 REL_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 
@@ -46,6 +47,9 @@ GPTQ_CASES = [
     (4, 16, True, False, False, 1, 32, 16, 4, 4, 2, GEMV),  # act-order
     (4, 16, True, True, False, 1, 32, 16, 4, 4, 2, GEMM),  # act-order, gate and up with their own g_idx
     (8, 24, False, False, False, 0, 48, 24, 3, 4, 2, GEMV),  # 8-bit, groups cut across tiles
+    (8, 24, False, False, False, 0, 48, 24, 5, 4, 2, GROUPED),
+    (4, 16, True, True, False, 1, 32, 16, 6, 4, 2, GROUPED),  # act-order with two g_idx, blocks of 4 rows
+    (3, 32, False, False, False, 1, 32, 32, 6, 3, 2, GROUPED),
     (8, 32, False, False, True, 1, 32, 32, 3, 4, 2, GEMM),
     (2, 32, False, False, False, 1, 32, 32, 3, 4, 2, GEMV),
     (2, -1, False, False, True, 0, 32, 16, 2, 2, 2, GEMM),
@@ -69,11 +73,40 @@ def test_fused_moe_gptq(case, device, poisoned):  # noqa: F811
     assert rel_err(y, fused_moe_ref(x, w13, w2, tw, ti)) < REL_TOL[torch.bfloat16]
 
 
+UNPACK_CASES = [
+    # bits, group, act_order, hidden, inter (K tiles of 32: groups inside, spanning, or cut across a tile)
+    (4, 16, False, 48, 24),
+    (4, 64, False, 80, 40),
+    (8, 24, False, 48, 24),
+    (2, 32, False, 32, 32),
+    (4, 16, True, 32, 16),
+]
+
+
+@pytest.mark.parametrize("unpack", ["join", "repeat"])
+@pytest.mark.parametrize("path", ["gemv", "grouped", "gemm"])
+@pytest.mark.parametrize("case", UNPACK_CASES, ids=lambda c: f"{c[0]}bit-g{c[1]}-ao{int(c[2])}-h{c[3]}")
+def test_whole_tile_unpack(case, path, unpack, device, poisoned):  # noqa: F811
+    """GPTQ tiles read whole (words split in registers, or one load per value) instead of by word planes."""
+    bits, group, act_order, h, inter = case
+    gen = torch.Generator().manual_seed(bits * 100 + group + h)
+    e, t, top_k = 4, 5, 2
+    w13 = make_gptq(gen, e, h, 2 * inter, bits, group, act_order=act_order, device=device)
+    w2 = make_gptq(gen, e, inter, h, bits, group, act_order=act_order, device=device)
+    tw, ti = make_routing(gen, t, e, top_k, device=device)
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16).to(device)
+    up, down = GemmConfig(16, 32, split_k=2, unpack=unpack), GemmConfig(32, 32, split_k=2, unpack=unpack)
+    cfg = MoEConfig(path, up, down, block_m=2 if path == "grouped" else 16)
+    y = fused_moe_gptq(x, w13, w2, tw, ti, config=cfg)
+    assert rel_err(y, fused_moe_ref(x, w13, w2, tw, ti)) < REL_TOL[torch.bfloat16]
+
+
 FP8_CASES = [
     # block size, activation, dtype, hidden, inter, path
     ((16, 32), "silu", torch.bfloat16, 64, 40, GEMV),  # partial scale blocks at the edges
     ((16, 32), "gelu", torch.float16, 64, 40, GEMM),
     ((8, 8), "silu", torch.bfloat16, 32, 24, GEMM),  # several scale blocks inside one tile
+    ((16, 32), "silu", torch.bfloat16, 64, 40, GROUPED),
     (None, "silu", torch.bfloat16, 48, 24, GEMV),  # per-channel
     (None, "gelu", torch.bfloat16, 48, 24, GEMM),
 ]
@@ -103,8 +136,9 @@ SPLIT_GATE_UP_CASES = [
 ]
 
 
+@pytest.mark.parametrize("path", ["gemv", "grouped", "gemm"])
 @pytest.mark.parametrize("case", SPLIT_GATE_UP_CASES, ids=lambda c: c[0])
-def test_gate_up_split_over_k(case, device, poisoned):  # noqa: F811
+def test_gate_up_split_over_k(case, path, device, poisoned):  # noqa: F811
     """Gate/up in 3 K splits: float32 partial sums, added up and activated by the act kernel."""
     name, h, act = case
     gen = torch.Generator().manual_seed(h + len(name))
@@ -122,12 +156,12 @@ def test_gate_up_split_over_k(case, device, poisoned):  # noqa: F811
     tw, ti = make_routing(gen, t, e, top_k, device=device)
     ti[1, 1] = -1  # a pair of another rank: its partial sums are never written
     x = torch.randn(t, h, generator=gen).to(torch.bfloat16).to(device)
-    cfg = MoEConfig("gemv", GemmConfig(16, 32, split_k=3), GemmConfig(32, 32, split_k=2))
+    cfg = MoEConfig(path, GemmConfig(16, 32, split_k=3), GemmConfig(32, 32, split_k=2), block_m=16)
     y = run(x, w13, w2, tw, ti, activation=act, config=cfg)
     assert rel_err(y, fused_moe_ref(x, w13, w2, tw, ti, activation=act)) < REL_TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("cfg", [GEMV, GEMM], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("cfg", [GEMV, GROUPED, GEMM], ids=["gemv", "grouped", "gemm"])
 def test_pairs_of_other_ranks_contribute_nothing(cfg, device, poisoned):  # noqa: F811
     gen = torch.Generator().manual_seed(3)
     w13 = make_gptq(gen, 3, 32, 32, 4, 16, device=device)
@@ -221,7 +255,8 @@ def mixed_sets_case(device: torch.device, gen: torch.Generator):  # noqa: ANN201
     return sets13, sets2, tw, ti, reference, (t, h)
 
 
-@pytest.mark.parametrize("cfg", [GEMV, SPLIT_GEMV, GEMM, None], ids=["gemv", "gemv-split", "gemm", "tuned"])
+@pytest.mark.parametrize("cfg", [GEMV, SPLIT_GEMV, GROUPED, GEMM, None],
+                         ids=["gemv", "gemv-split", "grouped", "gemm", "tuned"])  # fmt: skip
 def test_expert_sets_in_several_formats_add_into_one_output(cfg, device, poisoned):  # noqa: F811
     """One launch per set and projection, one output.
 
@@ -235,7 +270,7 @@ def test_expert_sets_in_several_formats_add_into_one_output(cfg, device, poisone
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("cfg", [SPLIT_GEMV, GEMM], ids=["gemv-split", "gemm"])
+@pytest.mark.parametrize("cfg", [SPLIT_GEMV, GROUPED, GEMM], ids=["gemv-split", "grouped", "gemm"])
 def test_expert_sets_side_by_side_in_a_cuda_graph(cfg, device):
     """The sets' launches on side streams are captured as parallel branches: a replay on new inputs is right."""
     gen = torch.Generator().manual_seed(12)

@@ -1,13 +1,17 @@
 """Fused MoE over packed experts (GPTQ integers, FP8 e4m3): gate/up GEMM with the activation in
 its epilogue, down GEMM with the routing-weighted top-k sum in its epilogue.
 
-Two kernel shapes, chosen by batch size (``moe_configs.pick_moe_config``):
+Three kernel shapes, chosen by batch size (``moe_configs.pick_moe_config``):
 
 - ``gemv`` (decode, a few tokens): one program per (token, slot) pair, output tile and K split,
   no alignment and no padding. A split gate/up projection writes float32 partial sums and a
   small kernel adds them and applies the activation; a split down projection adds atomically.
-- ``gemm`` (prefill): pairs grouped by expert in ``BLOCK_M``-row blocks (``moe_align``), tensor
-  core products on weight tiles decoded in registers.
+- ``grouped`` (tens of tokens, a few pairs per expert): the gemv's CUDA-core products over
+  ``BLOCK_M``-row blocks of one expert's pairs (``moe_align``), one K tile a program decoded once
+  for all its rows, so an expert that several pairs chose is read once.
+- ``gemm`` (more tokens): pairs grouped by expert in ``BLOCK_M``-row blocks (``moe_align``), tensor
+  core products on weight tiles decoded in registers, K split the same way where asked (a batch
+  of a few pairs per expert reads each expert once over many programs).
 
 Both accumulate in float32. The gate/up kernel also clears the float32 output that the down
 kernel adds into (atomically); the result is cast to the activation dtype at the end. A layer
@@ -31,12 +35,14 @@ from sglang.srt.enhanced.mixed_precision.kernels.moe_configs import GemmConfig, 
 from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import FP8Experts, GPTQExperts
 from sglang.srt.enhanced.mixed_precision.kernels.reference import fp8_block_dequant_ref, gptq_dequant_ref
 from sglang.srt.enhanced.mixed_precision.kernels.weight_tiles import (
+    UNPACK_GATHER,
     _gptq_gemm_tile,
     _gptq_gemv_tile,
     _weight_tile,
     fp8_scale_uniform,
     gptq_group_mode,
     gptq_plane_mode,
+    gptq_unpack_mode,
 )
 
 ACTIVATIONS = {"silu": 0, "gelu": 1}
@@ -73,21 +79,42 @@ def _set_index(e, map_ptr, num_experts, HAS_MAP: tl.constexpr):
     return tl.where(inside, e, -1)
 
 
+@triton.jit
+def _gemv_store(acc, acc_up, pair, ok, pid_k, offs_n, mask_n, out_ptr, topk_w_ptr, N, num_pairs, top_k, so_m,
+                GATED: tl.constexpr, SPLIT_GATED: tl.constexpr, ACT: tl.constexpr):  # fmt: skip
+    """The result of one pair ``pair`` (written where ``ok``): float32 partial sums of a split gate/up,
+    the activated gate x up, or the routing-weighted down projection added into its token's row."""
+    mask = mask_n & ok
+    if SPLIT_GATED:
+        part = out_ptr + (pid_k * num_pairs + pair).to(tl.int64) * so_m
+        tl.store(part + offs_n, acc, mask=mask)
+        tl.store(part + N + offs_n, acc_up, mask=mask)
+    elif GATED:
+        h = _activate(acc, ACT) * acc_up
+        tl.store(out_ptr + pair.to(tl.int64) * so_m + offs_n, h.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        wgt = tl.load(topk_w_ptr + pair, mask=ok, other=0.0).to(tl.float32)
+        tl.atomic_add(out_ptr + (pair // top_k).to(tl.int64) * so_m + offs_n, acc * wgt, mask=mask)
+
+
 # Integers that follow the batch's token count are not specialised (Triton compiles a variant
 # per "== 1" / "divisible by 16"): a new prefill length reuses the compiled kernels.
-@triton.jit(do_not_specialize=["zero_numel", "zero_chunk"])
+@triton.jit(do_not_specialize=["num_pairs", "zero_numel", "zero_chunk"])
 def _fused_moe_gemv_kernel(
-    a_ptr, out_ptr, zero_ptr, topk_ids_ptr, topk_w_ptr, map_ptr,
+    a_ptr, out_ptr, zero_ptr, topk_ids_ptr, topk_w_ptr, map_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
     w_ptr, z_ptr, s_ptr, g_ptr,
-    N, K, num_experts, top_k, zero_numel, zero_chunk, gs, zero_offset, BO, BI,
+    N, K, num_experts, num_pairs, top_k, zero_numel, zero_chunk, gs, zero_offset, BO, BI,
     sa_m, so_m,
     sw_e, sw_k, sw_n, sz_e, sz_g, sz_c, ss_e, ss_k, ss_n, sg_e, sg_half, sg_k,
     FMT: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_MODE: tl.constexpr, GS: tl.constexpr, HAS_G_IDX: tl.constexpr, UNIFORM: tl.constexpr,
     BLOCKWISE: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
-    PLANES: tl.constexpr, SPLIT_GATED: tl.constexpr, HAS_MAP: tl.constexpr,
+    PLANES: tl.constexpr, SPLIT_GATED: tl.constexpr, HAS_MAP: tl.constexpr, UNPACK: tl.constexpr,
+    GROUPED: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """One (token, slot) pair ``p`` x ``BLOCK_N`` outputs x one K split ``s``.
+    """One (token, slot) pair ``p`` x ``BLOCK_N`` outputs x one K split ``s``; GROUPED: one
+    ``BLOCK_M``-row block of an expert's pairs (``moe_align``) x outputs x one K tile, the tile
+    decoded once for all its rows (CUDA cores, no padding to tensor core shapes).
 
     GATED: ``out[p, n] = act(x[p // top_k] . W[e, n]) * (x[p // top_k] . W[e, N + n])``; with
     SPLIT_GATED the two dot products over split ``s`` go to ``out[s, p, n]`` / ``out[s, p, N + n]``
@@ -100,16 +127,49 @@ def _fused_moe_gemv_kernel(
     pid_k = tl.program_id(2)
     if GATED:
         _clear(zero_ptr, zero_numel, zero_chunk, (p * tl.num_programs(1) + pid_n) * tl.num_programs(2) + pid_k)
-    e = _set_index(tl.load(topk_ids_ptr + p).to(tl.int64), map_ptr, num_experts, HAS_MAP)
+    if GROUPED:
+        if p * BLOCK_M >= tl.load(num_post_ptr):
+            return
+        e = tl.load(expert_ids_ptr + p).to(tl.int64)
+        if e < 0:
+            return
+        if HAS_MAP:
+            e = tl.load(map_ptr + e).to(tl.int64)
+    else:
+        e = _set_index(tl.load(topk_ids_ptr + p).to(tl.int64), map_ptr, num_experts, HAS_MAP)
     if e < 0:
         return
-    row = p // top_k if GATED else p
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     w_e = w_ptr + e * sw_e
     z_e = z_ptr + e * sz_e
     s_e = s_ptr + e * ss_e
     g_e = g_ptr + e * sg_e
+    if GROUPED:  # one K tile: decoded once, applied to each row of the block
+        k0 = pid_k * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        v, s = _weight_tile(w_e, z_e, s_e, g_e, offs_n, mask_n, k0, K, gs, zero_offset, BO, BI,
+                            sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
+                            FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE,
+                            UNPACK)  # fmt: skip
+        if GATED:
+            v_up, s_up = _weight_tile(w_e, z_e, s_e, g_e + sg_half, offs_n + N, mask_n, k0, K, gs, zero_offset,
+                                      BO, BI, sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
+                                      FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE,
+                                      UNPACK)  # fmt: skip
+        for m in tl.static_range(BLOCK_M):
+            pair = tl.load(sorted_ids_ptr + p * BLOCK_M + m)
+            ok = pair < num_pairs
+            row = pair // top_k if GATED else pair
+            x = tl.load(a_ptr + row.to(tl.int64) * sa_m + offs_k, mask=(offs_k < K) & ok, other=0.0).to(tl.float32)
+            acc = s * tl.sum(v * x[None, :], axis=1)
+            acc_up = acc
+            if GATED:
+                acc_up = s_up * tl.sum(v_up * x[None, :], axis=1)
+            _gemv_store(acc, acc_up, pair, ok, pid_k, offs_n, mask_n, out_ptr, topk_w_ptr, N, num_pairs, top_k,
+                        so_m, GATED, SPLIT_GATED, ACT)  # fmt: skip
+        return
+    row = p // top_k if GATED else p
     a_row = a_ptr + row.to(tl.int64) * sa_m
     if PLANES:
         VPW: tl.constexpr = 32 // BITS
@@ -136,23 +196,17 @@ def _fused_moe_gemv_kernel(
             x = tl.load(a_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
             v, s = _weight_tile(w_e, z_e, s_e, g_e, offs_n, mask_n, k0, K, gs, zero_offset, BO, BI,
                                 sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
-                                FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
+                                FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE,
+                                UNPACK)  # fmt: skip
             acc += s * tl.sum(v * x[None, :], axis=1)
             if GATED:
                 v, s = _weight_tile(w_e, z_e, s_e, g_e + sg_half, offs_n + N, mask_n, k0, K, gs, zero_offset, BO, BI,
                                     sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
-                                    FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
+                                    FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE,
+                                    UNPACK)  # fmt: skip
                 acc_up += s * tl.sum(v * x[None, :], axis=1)
-    if SPLIT_GATED:
-        part = out_ptr + (pid_k * tl.num_programs(0) + p).to(tl.int64) * so_m
-        tl.store(part + offs_n, acc, mask=mask_n)
-        tl.store(part + N + offs_n, acc_up, mask=mask_n)
-    elif GATED:
-        h = _activate(acc, ACT) * acc_up
-        tl.store(out_ptr + p.to(tl.int64) * so_m + offs_n, h.to(out_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        wgt = tl.load(topk_w_ptr + p).to(tl.float32)
-        tl.atomic_add(out_ptr + (p // top_k).to(tl.int64) * so_m + offs_n, acc * wgt, mask=mask_n)
+    _gemv_store(acc, acc_up, p, p >= 0, pid_k, offs_n, mask_n, out_ptr, topk_w_ptr, N, num_pairs, top_k, so_m,
+                GATED, SPLIT_GATED, ACT)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["pairs"])
@@ -187,12 +241,15 @@ def _fused_moe_gemm_kernel(
     FMT: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_MODE: tl.constexpr, GS: tl.constexpr, HAS_G_IDX: tl.constexpr,
     UNIFORM: tl.constexpr, BLOCKWISE: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-    K_TILES: tl.constexpr, F32_DOT: tl.constexpr, PLANES: tl.constexpr, HAS_MAP: tl.constexpr,
+    TILES_PER_SPLIT: tl.constexpr, F32_DOT: tl.constexpr, PLANES: tl.constexpr, HAS_MAP: tl.constexpr,
+    UNPACK: tl.constexpr, SPLIT_GATED: tl.constexpr,
 ):  # fmt: skip
-    """One ``BLOCK_M``-row block of one expert's pairs x ``BLOCK_N`` outputs (see the gemv kernel)."""
+    """One ``BLOCK_M``-row block of one expert's pairs x ``BLOCK_N`` outputs x one K split (see the
+    gemv kernel: a split gate/up projection writes float32 partial sums, a split down one adds)."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     if GATED:
-        _clear(zero_ptr, zero_numel, zero_chunk, pid)
+        _clear(zero_ptr, zero_numel, zero_chunk, pid * tl.num_programs(1) + pid_k)
     n_tiles = tl.cdiv(N, BLOCK_N)
     pid_m = pid // n_tiles
     pid_n = pid % n_tiles
@@ -219,8 +276,8 @@ def _fused_moe_gemm_kernel(
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if PLANES:
         a_rows = a_ptr + row[:, None] * sa_m
-        for kt in range(0, K_TILES):
-            k0 = kt * BLOCK_K
+        for kt in range(0, TILES_PER_SPLIT):
+            k0 = (pid_k * TILES_PER_SPLIT + kt) * BLOCK_K
             acc = _gptq_gemm_tile(acc, a_rows, mask_m[:, None], k0, K, w_e, z_e, s_e, g_e, offs_n, mask_n, gs,
                                   zero_offset, sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
                                   BITS, BLOCK_K, GROUP_MODE, HAS_G_IDX, F32_DOT)  # fmt: skip
@@ -229,8 +286,8 @@ def _fused_moe_gemm_kernel(
                                          offs_n + N, mask_n, gs, zero_offset, sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
                                          BITS, BLOCK_K, GROUP_MODE, HAS_G_IDX, F32_DOT)  # fmt: skip
     else:
-        for kt in range(0, K_TILES):
-            k0 = kt * BLOCK_K
+        for kt in range(0, TILES_PER_SPLIT):
+            k0 = (pid_k * TILES_PER_SPLIT + kt) * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(a_ptr + row[:, None] * sa_m + offs_k[None, :],
                         mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)  # fmt: skip
@@ -238,15 +295,21 @@ def _fused_moe_gemm_kernel(
                 a = a.to(tl.float32)
             v, s = _weight_tile(w_e, z_e, s_e, g_e, offs_n, mask_n, k0, K, gs, zero_offset, BO, BI,
                                 sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
-                                FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
+                                FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE,
+                                UNPACK)  # fmt: skip
             acc += tl.dot(a, tl.trans(v.to(a.dtype))) * s[None, :]
             if GATED:
                 v, s = _weight_tile(w_e, z_e, s_e, g_e + sg_half, offs_n + N, mask_n, k0, K, gs, zero_offset, BO, BI,
                                     sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
-                                    FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
+                                    FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE,
+                                UNPACK)  # fmt: skip
                 acc_up += tl.dot(a, tl.trans(v.to(a.dtype))) * s[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
-    if GATED:
+    if SPLIT_GATED:
+        part = out_ptr + (pid_k * num_pairs + pair)[:, None] * so_m + offs_n[None, :]
+        tl.store(part, acc, mask=mask)
+        tl.store(part + N, acc_up, mask=mask)
+    elif GATED:
         h = _activate(acc, ACT) * acc_up
         tl.store(out_ptr + pair[:, None] * so_m + offs_n[None, :], h.to(out_ptr.dtype.element_ty), mask=mask)
     else:
@@ -259,13 +322,14 @@ def _is_interpreted() -> bool:
 
 
 class _WeightArgs:
-    """Kernel arguments of one stacked packed weight (pointers, strides, constexprs)."""
+    """Kernel arguments of one stacked packed weight (pointers, strides, constexprs); ``unpack``:
+    how a GPTQ tile is read (``GemmConfig.unpack``)."""
 
-    def __init__(self, w: GPTQExperts | FP8Experts, block_k: int) -> None:
+    def __init__(self, w: GPTQExperts | FP8Experts, block_k: int, unpack: str = "planes") -> None:
         if isinstance(w, GPTQExperts):
             k = w.in_features
             gs = k if w.group_size == -1 or w.group_size >= k else w.group_size
-            self.planes = w.bits != 3
+            self.planes = w.bits != 3 and unpack == "planes"
             if self.planes:
                 mode = gptq_plane_mode(w.group_size, k, block_k, w.bits, w.g_idx is not None)
             else:
@@ -279,7 +343,8 @@ class _WeightArgs:
             g_strides = (g.stride(0), g.stride(1) if half else 0, g.stride(-1)) if g is not None else (0, 0, 0)
             self.strides = (*w.qweight.stride(), *w.qzeros.stride(), *w.scales.stride(), *g_strides)
             self.meta = dict(FMT=0, BITS=w.bits, GROUP_MODE=mode, GS=gs if mode == 2 else 1,
-                             HAS_G_IDX=g is not None, UNIFORM=True, BLOCKWISE=False, PLANES=self.planes)  # fmt: skip
+                             HAS_G_IDX=g is not None, UNIFORM=True, BLOCKWISE=False, PLANES=self.planes,
+                             UNPACK=gptq_unpack_mode(w.bits, unpack))  # fmt: skip
         else:
             self.planes = False
             bo, bi = w.block_size if w.block_size is not None else (1, 1)
@@ -291,58 +356,81 @@ class _WeightArgs:
             self.strides = (wst[0], wst[2], wst[1], 0, 0, 0, *ss, 0, 0, 0)
             self.meta = dict(FMT=1, BITS=8, GROUP_MODE=1, GS=1, HAS_G_IDX=False,
                              UNIFORM=fp8_scale_uniform(w.block_size, block_k), BLOCKWISE=w.block_size is not None,
-                             PLANES=False)  # fmt: skip
+                             PLANES=False, UNPACK=UNPACK_GATHER)  # fmt: skip
 
 
 ACT_BLOCK = 256
 
 
+def _k_splits(k: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(K tiles per split, splits) for ``split_k`` asked over ``ceil(k / block_k)`` tiles."""
+    k_tiles = triton.cdiv(k, block_k)
+    per_split = triton.cdiv(k_tiles, max(1, min(split_k, k_tiles)))
+    return per_split, triton.cdiv(k_tiles, per_split)
+
+
+def _split_act(dst, out, topk_ids, expert_map, n, pairs, num_experts, split, act) -> None:
+    """Add a split gate/up projection's float32 partials ``dst [split, pairs, 2N]`` and activate."""
+    _split_act_kernel[(pairs, triton.cdiv(n, ACT_BLOCK))](
+        dst, out, topk_ids, expert_map if expert_map is not None else topk_ids, n, pairs, num_experts,
+        dst.stride(1), out.stride(0), SPLITS=split, ACT=act, BLOCK=ACT_BLOCK, HAS_MAP=expert_map is not None)
+
+
 def _launch_gemv(a, out, zero, topk_ids, topk_w, w, expert_map, n, k, num_experts, top_k, cfg: GemmConfig, gated,
-                 act):  # fmt: skip
-    wa = _WeightArgs(w, cfg.block_k)
+                 act, align=None, block_m=1):  # fmt: skip
+    """Per-pair gemv, or with ``align`` (``moe_align`` in ``block_m``-row blocks) the grouped one:
+    one K tile a program, the word-plane read replaced by the whole-tile one."""
+    grouped = align is not None
+    unpack = "join" if grouped and cfg.unpack == "planes" else cfg.unpack
+    wa = _WeightArgs(w, cfg.block_k, unpack)
     pairs = topk_ids.numel()
-    k_tiles = triton.cdiv(k, cfg.block_k)
-    per_split = triton.cdiv(k_tiles, max(1, min(cfg.split_k, k_tiles)))
-    split = triton.cdiv(k_tiles, per_split)
+    per_split, split = _k_splits(k, cfg.block_k, triton.cdiv(k, cfg.block_k) if grouped else cfg.split_k)
     split_gated = gated and split > 1
     # A split gate/up projection writes float32 partials [split, pairs, 2N], added up by the act kernel.
     dst = torch.empty((split, pairs, 2 * n), dtype=torch.float32, device=a.device) if split_gated else out
-    grid = (pairs, triton.cdiv(n, cfg.block_n), split)
+    sorted_ids, expert_ids, num_post = align if grouped else (topk_ids, topk_ids, topk_ids)
+    grid = (expert_ids.numel() if grouped else pairs, triton.cdiv(n, cfg.block_n), split)
     _fused_moe_gemv_kernel[grid](
-        a, dst, zero, topk_ids, topk_w, expert_map if expert_map is not None else topk_ids, *wa.ptrs,
-        n, k, num_experts, top_k, zero.numel(), triton.cdiv(zero.numel(), grid[0] * grid[1] * grid[2]),
+        a, dst, zero, topk_ids, topk_w, expert_map if expert_map is not None else topk_ids,
+        sorted_ids, expert_ids, num_post, *wa.ptrs,
+        n, k, num_experts, pairs, top_k, zero.numel(), triton.cdiv(zero.numel(), grid[0] * grid[1] * grid[2]),
         *wa.scalars, a.stride(0), dst.stride(-2), *wa.strides,
         **wa.meta, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GATED=gated, ACT=act, TILES_PER_SPLIT=per_split,
-        SPLIT_GATED=split_gated, HAS_MAP=expert_map is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT_GATED=split_gated, HAS_MAP=expert_map is not None, GROUPED=grouped, BLOCK_M=block_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if split_gated:
-        _split_act_kernel[(pairs, triton.cdiv(n, ACT_BLOCK))](
-            dst, out, topk_ids, expert_map if expert_map is not None else topk_ids, n, pairs, num_experts,
-            dst.stride(1), out.stride(0), SPLITS=split, ACT=act, BLOCK=ACT_BLOCK, HAS_MAP=expert_map is not None)
+        _split_act(dst, out, topk_ids, expert_map, n, pairs, num_experts, split, act)
 
 
-def _dot_block_k(w: GPTQExperts | FP8Experts, block_k: int) -> int:
+def _dot_block_k(w: GPTQExperts | FP8Experts, block_k: int, unpack: str) -> int:
     """Word-plane tiles feed tensor cores ``block_k * bits / 32`` rows deep: at least 16 on a GPU."""
-    if isinstance(w, GPTQExperts) and w.bits != 3 and not _is_interpreted():
+    if isinstance(w, GPTQExperts) and w.bits != 3 and unpack == "planes" and not _is_interpreted():
         return max(block_k, 16 * 32 // w.bits)
     return block_k
 
 
-def _launch_gemm(a, out, zero, align, topk_w, w, expert_map, n, k, pairs, top_k, block_m, cfg: GemmConfig, gated,
-                 act):  # fmt: skip
+def _launch_gemm(a, out, zero, align, topk_ids, topk_w, w, expert_map, n, k, num_experts, top_k, block_m,
+                 cfg: GemmConfig, gated, act):  # fmt: skip
     sorted_ids, expert_ids, num_post = align
-    block_k = _dot_block_k(w, cfg.block_k)
-    wa = _WeightArgs(w, block_k)
-    grid = (expert_ids.numel() * triton.cdiv(n, cfg.block_n),)
+    pairs = topk_ids.numel()
+    block_k = _dot_block_k(w, cfg.block_k, cfg.unpack)
+    wa = _WeightArgs(w, block_k, cfg.unpack)
+    per_split, split = _k_splits(k, block_k, cfg.split_k)
+    split_gated = gated and split > 1
+    dst = torch.empty((split, pairs, 2 * n), dtype=torch.float32, device=a.device) if split_gated else out
+    grid = (expert_ids.numel() * triton.cdiv(n, cfg.block_n), split)
     _fused_moe_gemm_kernel[grid](
-        a, out, zero, sorted_ids, expert_ids, num_post, topk_w, expert_map if expert_map is not None else expert_ids,
+        a, dst, zero, sorted_ids, expert_ids, num_post, topk_w, expert_map if expert_map is not None else expert_ids,
         *wa.ptrs,
-        n, k, pairs, top_k, zero.numel(), triton.cdiv(zero.numel(), grid[0]), *wa.scalars,
-        a.stride(0), out.stride(0), *wa.strides,
+        n, k, pairs, top_k, zero.numel(), triton.cdiv(zero.numel(), grid[0] * grid[1]), *wa.scalars,
+        a.stride(0), dst.stride(-2), *wa.strides,
         **wa.meta, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GATED=gated, ACT=act,
-        K_TILES=triton.cdiv(k, block_k), F32_DOT=_is_interpreted(), HAS_MAP=expert_map is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TILES_PER_SPLIT=per_split, F32_DOT=_is_interpreted(), HAS_MAP=expert_map is not None,
+        SPLIT_GATED=split_gated, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    if split_gated:
+        _split_act(dst, out, topk_ids, expert_map, n, pairs, num_experts, split, act)
 
 
 ExpertsAndMap = tuple["GPTQExperts | FP8Experts", "torch.Tensor | None"]  # stacked experts, global -> local map
@@ -459,7 +547,6 @@ def fused_moe_sets(
     topk_weights = topk_weights.contiguous()
     acc = torch.empty((t, h), dtype=torch.float32, device=x.device)  # cleared by the first gate/up launch
     mid = torch.empty((t * top_k, inter), dtype=x.dtype, device=x.device)
-    pairs = t * top_k
     aligned: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for gated, sets in ((True, gate_up), (False, down)):
         n, k = (inter, h) if gated else (h, inter)
@@ -472,11 +559,15 @@ def fused_moe_sets(
             if cfg.path == "gemv":
                 launches.append(partial(_launch_gemv, a, dest, zero, topk_ids, topk_weights, w, expert_map, n, k,
                                         e_all, top_k, tile, gated, act))  # fmt: skip
+                continue
+            if cfg.block_m not in aligned:  # one alignment of the global ids serves every set
+                aligned[cfg.block_m] = moe_align_block_size(topk_ids, cfg.block_m, e_all)
+            if cfg.path == "grouped":
+                launches.append(partial(_launch_gemv, a, dest, zero, topk_ids, topk_weights, w, expert_map, n, k,
+                                        e_all, top_k, tile, gated, act, aligned[cfg.block_m], cfg.block_m))  # fmt: skip
             else:
-                if cfg.block_m not in aligned:  # one alignment of the global ids serves every set
-                    aligned[cfg.block_m] = moe_align_block_size(topk_ids, cfg.block_m, e_all)
-                launches.append(partial(_launch_gemm, a, dest, zero, aligned[cfg.block_m], topk_weights, w,
-                                        expert_map, n, k, pairs, top_k, cfg.block_m, tile, gated, act))  # fmt: skip
+                launches.append(partial(_launch_gemm, a, dest, zero, aligned[cfg.block_m], topk_ids, topk_weights,
+                                        w, expert_map, n, k, e_all, top_k, cfg.block_m, tile, gated, act))  # fmt: skip
         _run_side_by_side(launches, x.device)
     result.copy_(acc)
     return result

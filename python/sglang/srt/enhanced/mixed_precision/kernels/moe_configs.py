@@ -24,15 +24,16 @@ class GemmConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
-    split_k: int = 1  # gemv only: K splits of the projection
+    split_k: int = 1  # K splits of the projection
+    unpack: str = "planes"  # GPTQ tiles: "planes" (word planes), "join" or "repeat" (whole tile, weight_tiles)
 
 
 @dataclass(frozen=True)
 class MoEConfig:
-    path: str  # "gemv" or "gemm"
+    path: str  # "gemv", "grouped" or "gemm" (fused_moe)
     up: GemmConfig
     down: GemmConfig
-    block_m: int = 16  # gemm only
+    block_m: int = 16  # rows of an expert block (grouped, gemm)
 
     def to_json(self) -> dict:
         return asdict(self)

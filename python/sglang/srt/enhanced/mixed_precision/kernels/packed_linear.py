@@ -23,12 +23,14 @@ from sglang.srt.enhanced.mixed_precision.kernels.reference import (
     gptq_dequant_ref,
 )
 from sglang.srt.enhanced.mixed_precision.kernels.weight_tiles import (
+    UNPACK_GATHER,
     _gptq_gemm_tile,
     _gptq_gemv_tile,
     _weight_tile,
     fp8_scale_uniform,
     gptq_group_mode,
     gptq_plane_mode,
+    gptq_unpack_mode,
 )
 
 
@@ -54,6 +56,7 @@ def _packed_linear_kernel(
     BLOCK_K: tl.constexpr, GROUP_MODE: tl.constexpr, GS: tl.constexpr, HAS_G_IDX: tl.constexpr,
     UNIFORM: tl.constexpr, BLOCKWISE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
     TILES_PER_SPLIT: tl.constexpr, ATOMIC: tl.constexpr, F32_DOT: tl.constexpr, PLANES: tl.constexpr,
+    UNPACK: tl.constexpr,
 ):  # fmt: skip
     """``BLOCK_M`` rows x ``BLOCK_N`` outputs x one K split; ATOMIC adds float32 partial sums."""
     pid_m = tl.program_id(0)
@@ -87,7 +90,8 @@ def _packed_linear_kernel(
             a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
             v, s = _weight_tile(w_ptr, z_ptr, s_ptr, g_ptr, offs_n, mask_n, k0, K, gs, zero_offset, BO, BI,
                                 sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
-                                FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE)  # fmt: skip
+                                FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE,
+                                UNPACK)  # fmt: skip
             if USE_DOT:
                 if F32_DOT:  # the Triton 3.3 interpreter multiplies bfloat16 tiles wrongly
                     acc += tl.dot(a.to(tl.float32), tl.trans(v)) * s[None, :]
@@ -144,14 +148,15 @@ def _weight_args(w: GPTQExperts | FP8Experts, block_k: int) -> tuple[tuple, tupl
         ptrs = (w.qweight, w.qzeros, w.scales, g if g is not None else w.qweight)
         strides = (*w.qweight.stride(), *w.qzeros.stride(), *w.scales.stride(), g.stride(0) if g is not None else 0)
         meta = dict(FMT=0, BITS=w.bits, GROUP_MODE=mode, GS=gs if mode == 2 else 1, HAS_G_IDX=g is not None,
-                    UNIFORM=True, BLOCKWISE=False, PLANES=planes)  # fmt: skip
+                    UNIFORM=True, BLOCKWISE=False, PLANES=planes, UNPACK=gptq_unpack_mode(w.bits, "join"))  # fmt: skip
         return ptrs, (gs, w.zero_offset, 1, 1), strides, meta
     bo, bi = w.block_size if w.block_size is not None else (1, 1)
     s = w.scale.reshape(-1) if w.block_size is None else w.scale
     ss = (s.stride(1), s.stride(0)) if w.block_size is not None else (0, s.stride(0) if s.numel() > 1 else 0)
     strides = (w.weight.stride(1), w.weight.stride(0), 0, 0, *ss, 0)
     meta = dict(FMT=1, BITS=8, GROUP_MODE=1, GS=1, HAS_G_IDX=False,
-                UNIFORM=fp8_scale_uniform(w.block_size, block_k), BLOCKWISE=w.block_size is not None, PLANES=False)  # fmt: skip
+                UNIFORM=fp8_scale_uniform(w.block_size, block_k), BLOCKWISE=w.block_size is not None, PLANES=False,
+                UNPACK=UNPACK_GATHER)  # fmt: skip
     return (w.weight, w.weight, s, w.weight), (1, 0, bo, bi), strides, meta
 
 

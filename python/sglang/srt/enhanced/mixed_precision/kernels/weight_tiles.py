@@ -20,6 +20,17 @@ from sglang.srt.enhanced.mixed_precision.kernels.gptq_dequant import _gather_val
 # one group row for the whole tile, or BLOCK_K // GS whole groups side by side.
 GROUP_GATHER, GROUP_ONE, GROUP_SPAN = 0, 1, 2
 MAGIC_F32 = 8388608.0  # 2**23
+# How a whole-tile GPTQ read takes the values out of the packed words: one bit-stream gather per
+# value (any width, 3-bit), one load per word split into its values (``_split_words``), or one
+# load per value of its word (repeated addresses, served by L1) shifted by the value's position.
+UNPACK_GATHER, UNPACK_JOIN, UNPACK_REPEAT = 0, 1, 2
+UNPACK_MODES = {"join": UNPACK_JOIN, "repeat": UNPACK_REPEAT}
+
+
+def gptq_unpack_mode(bits: int, unpack: str) -> int:
+    """The whole-tile unpack of ``bits``-bit words asked for by a config's ``unpack`` ("join" or
+    "repeat"); widths that do not divide 32 always gather."""
+    return UNPACK_MODES.get(unpack, UNPACK_JOIN) if 32 % bits == 0 else UNPACK_GATHER
 
 
 def gptq_group_mode(group_size: int, k: int, block_k: int, act_order: bool) -> int:
@@ -44,12 +55,17 @@ def _gptq_tile(
     qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, k0, K, gs, zero_offset,
     sq_r, sq_n, sz_g, sz_c, ss_g, ss_n, sg_k,
     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_MODE: tl.constexpr,
-    GS: tl.constexpr, HAS_G_IDX: tl.constexpr,
+    GS: tl.constexpr, HAS_G_IDX: tl.constexpr, UNPACK: tl.constexpr,
 ):  # fmt: skip
     """Tile of one GPTQ matrix (pointers already at its expert): codes along K, channels ``offs_n``."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
-    if 32 % BITS == 0:
+    if UNPACK == 2:
+        VPW_R: tl.constexpr = 32 // BITS
+        words_kn = tl.load(qw_ptr + (offs_k // VPW_R)[:, None] * sq_r + offs_n[None, :] * sq_n,
+                           mask=mask_k[:, None] & mask_n[None, :], other=0)  # fmt: skip
+        q = tl.trans((words_kn >> ((offs_k % VPW_R) * BITS)[:, None]) & ((1 << BITS) - 1))
+    elif UNPACK == 1:
         VPW: tl.constexpr = 32 // BITS
         BLOCK_R: tl.constexpr = BLOCK_K // VPW
         offs_r = k0 // VPW + tl.arange(0, BLOCK_R)
@@ -120,13 +136,13 @@ def _weight_tile(
     sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
     FMT: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_MODE: tl.constexpr, GS: tl.constexpr, HAS_G_IDX: tl.constexpr, UNIFORM: tl.constexpr,
-    BLOCKWISE: tl.constexpr,
+    BLOCKWISE: tl.constexpr, UNPACK: tl.constexpr,
 ):  # fmt: skip
     """GPTQ (``FMT`` 0: ``sw_k`` strides packed rows) or FP8 (``FMT`` 1: ``sw_k`` strides elements)."""
     if FMT == 0:
         return _gptq_tile(w_ptr, z_ptr, s_ptr, g_ptr, offs_n, mask_n, k0, K, gs, zero_offset,
                           sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
-                          BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX)  # fmt: skip
+                          BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNPACK)  # fmt: skip
     else:
         return _fp8_tile(w_ptr, s_ptr, offs_n, mask_n, k0, K, BO, BI, sw_n, sw_k, ss_n, ss_k,
                          BLOCK_N, BLOCK_K, BLOCKWISE, UNIFORM)  # fmt: skip
