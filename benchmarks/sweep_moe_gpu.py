@@ -140,8 +140,9 @@ def sweep_one(fn, fmt, w13, w2, shape, t, unpacks, warps, args, gen) -> MoEConfi
         x = (torch.randn(t, h, device=lib.DEV, generator=gen) * 0.5).to(torch.bfloat16)
         sets.append((x, *lib.routing(t, e, top_k, 0.0, gen)))
     tuned = pick_moe_config(fmt, e, h, inter, top_k, t, lib.DEV)
-    print(f"{shape} {fmt} T={t}: tuned {tuned} {timed(fn, w13, w2, sets, tuned):.1f} us", flush=True)
-    results = []
+    tuned_us = timed(fn, w13, w2, sets, tuned)
+    print(f"{shape} {fmt} T={t}: tuned {tuned} {tuned_us:.1f} us", flush=True)
+    results = [(tuned_us, tuned)]  # a sweep never writes a config slower than the one in use
     pairs = t * top_k
     if pairs <= 4 * e:
         base = tuned if tuned.path == "gemv" else MoEConfig("gemv", GemmConfig(128, 128), GemmConfig(128, 64))

@@ -193,9 +193,11 @@ def _moe_config(fmt: str, shape: str, tokens: int):
 
 
 def moe_case(fmt: str, shape: str, tokens: int, *, local: int | None = None, act_order: bool = False,
-             zero_offset: int = 1, group_size: int = 128, activation: str = "silu") -> Callable[[], None]:  # fmt: skip
+             zero_offset: int = 1, group_size: int = 128, activation: str = "silu",
+             config: object = None) -> Callable[[], None]:  # fmt: skip
     """``fused_moe_sets`` for one layer shape ``E..:H..:I..:k..``; ``local`` experts of the ``E`` held
-    behind an expert map (HAS_MAP), else 16 stacked experts without one."""
+    behind an expert map (HAS_MAP), else 16 stacked experts without one; ``config`` (a ``MoEConfig``)
+    for a kernel shape the tuned file does not pick."""
     from sglang.srt.enhanced.mixed_precision.kernels.fused_moe import fused_moe_sets
 
     def run() -> None:
@@ -217,7 +219,18 @@ def moe_case(fmt: str, shape: str, tokens: int, *, local: int | None = None, act
         ids = (torch.arange(tokens * top_k, dtype=torch.int32) % held).reshape(tokens, top_k)
         weights = torch.zeros(tokens, top_k, dtype=torch.float32)
         fused_moe_sets(x, [(w13, expert_map)], [(w2, expert_map)], weights, ids, activation=activation,
-                       config=_moe_config(fmt, shape, tokens))  # fmt: skip
+                       config=config or _moe_config(fmt, shape, tokens))  # fmt: skip
+
+    return run
+
+
+def align_case(tokens: int, top_k: int, num_experts: int, block_m: int) -> Callable[[], None]:
+    """The one-program alignment that CUDA batches of up to ``ONE_PROGRAM_PAIRS`` pairs take."""
+    from sglang.srt.enhanced.mixed_precision.kernels.moe_align import _align_one_program
+
+    def run() -> None:
+        ids = (torch.arange(tokens * top_k, dtype=torch.int32) % num_experts).reshape(tokens, top_k)
+        _align_one_program(gpu(ids), block_m, num_experts)
 
     return run
 
@@ -285,9 +298,12 @@ def fold_case(num_experts: int, top_k: int, *, ring: bool, coactivation: bool) -
 def variants() -> list[tuple[str, Callable[[], None]]]:
     """(name, launcher call) for the representative variants; see the module docstring for what is left out."""
     from sglang.srt.enhanced.mixed_precision.kernels.fp8_dequant import TILE_LADDER as FP8_TILES
+    from sglang.srt.enhanced.mixed_precision.kernels.moe_configs import GemmConfig, MoEConfig
 
     qwen3, dsv3, mixtral = "E128:H2048:I768:k8", "E256:H7168:I256:k8", "E8:H4096:I14336:k2"
     untuned = "E60:H2048:I1408:k4"
+    grouped = MoEConfig("grouped", GemmConfig(128, 128, 4, 2, 1, "join"), GemmConfig(256, 64, 4, 2, 1, "join"), 4)
+    split_gemm = MoEConfig("gemm", GemmConfig(64, 128, 4, 3, 16, "join"), GemmConfig(64, 128, 4, 3, 6, "join"), 16)
     return [
         # fused MoE: gemv (gated split -> _split_act_kernel) and gemm, each weight format, HAS_MAP on/off
         ("moe int4 gemv t1 split", moe_case("int4", qwen3, 1)),
@@ -304,6 +320,10 @@ def variants() -> list[tuple[str, Callable[[], None]]]:
         ("moe fp8_channel gemv t1", moe_case("fp8_channel", dsv3, 1)),
         ("moe fp8_channel gemm t64 map", moe_case("fp8_channel", qwen3, 64, local=2)),
         ("moe int4 untuned gemm t512 (block_m 64)", moe_case("int4", untuned, 512)),
+        ("moe int4 grouped t16 map", moe_case("int4", qwen3, 16, local=2, config=grouped)),
+        ("moe fp8_block grouped t16", moe_case("fp8_block", qwen3, 16, config=grouped)),
+        ("moe int4 gemm split t64", moe_case("int4", qwen3, 64, config=split_gemm)),
+        ("moe align one program", align_case(16, 8, 128, 16)),
         # packed linear: decode (no dot, split K), mid (dot, split K), prefill (dot)
         ("linear int4 m1", linear_case(gptq(None, 2048, 4096, 4, 128), 1)),
         ("linear int4 m16", linear_case(gptq(None, 2048, 4096, 4, 128, zero_offset=0), 16)),

@@ -57,18 +57,19 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-TARGET_PROGRAMS = 264  # two per SM of an H100/H200
 INTERPRETER = MoEConfig("gemm", GemmConfig(16, 32), GemmConfig(16, 32), 16)
 
 
 def default_moe_config(fmt: str, e: int, h: int, inter: int, top_k: int, tokens: int) -> MoEConfig:
-    """Heuristic: gemv while pairs rarely share an expert, else 16/64-row expert blocks."""
+    """Heuristic: gemv while pairs rarely share an expert, else 16/64-row expert blocks.
+
+    The gemv reads whole tiles (``unpack="join"``), one K tile a program: the shape that won on
+    every tuned shape at 1-16 tokens (``benchmarks/sweep_moe_gpu.py``)."""
     pairs = tokens * top_k
     if pairs <= max(e, 8):
-        up_n = 32 if pairs * -(-inter // 32) >= 2 * TARGET_PROGRAMS // 3 else 16
-        up_split = max(1, min(-(-h // 128), -(-2 * TARGET_PROGRAMS // (pairs * -(-inter // up_n)))))
-        split = max(1, min(-(-inter // 128), -(-TARGET_PROGRAMS // (pairs * -(-h // 64)))))
-        return MoEConfig("gemv", GemmConfig(up_n, 128, 4, 3, up_split), GemmConfig(64, 128, 4, 3, split))
+        up = GemmConfig(128, 128, 4, 2, -(-h // 128), "join")
+        down = GemmConfig(256, 64, 4, 2, -(-inter // 64), "join")
+        return MoEConfig("gemv", up, down)
     block_m = 16 if pairs <= 4 * e else 64
     return MoEConfig("gemm", GemmConfig(64, 64, 4, 3), GemmConfig(64, 64, 4, 3), block_m)
 
