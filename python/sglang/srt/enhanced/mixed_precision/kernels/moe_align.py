@@ -15,7 +15,9 @@ import triton.language as tl
 
 from sglang.srt.enhanced.errors import EnhancedError
 
-ONE_PROGRAM_PAIRS = 4096
+# The one program ranks CHUNK pairs a step (about 4 us each on an H200): at 512 pairs it takes 20 us,
+# at 2048 pairs 63 us; the tensor ops took 51 us at 128 pairs, in about twenty small kernels (benchmarks/RESULTS.md).
+ONE_PROGRAM_PAIRS = 1024
 CHUNK = 128  # pairs ranked per step of the one-program kernel
 
 
