@@ -3,7 +3,7 @@ with a heuristic for shapes that were not tuned.
 
 A JSON file maps ``"<fmt>:E<experts>:H<hidden>:I<intermediate>:k<top_k>"`` to ``{"<tokens>": config}``;
 a batch takes the config of the smallest tuned token count at or above it (:func:`pick_tuned`).
-Files are written by ``benchmarks/tune_moe_gpu.py``.
+Files are written on the GPU by ``benchmarks/sweep_moe_gpu.py --write``.
 """
 
 from __future__ import annotations
