@@ -80,6 +80,17 @@ def _set_index(e, map_ptr, num_experts, HAS_MAP: tl.constexpr):
 
 
 @triton.jit
+def _block_expert(block, BLOCK_M: tl.constexpr, num_post_ptr, expert_ids_ptr, map_ptr, HAS_MAP: tl.constexpr):
+    """This set's index (int64) of the expert of aligned block ``block``; -1 past the aligned rows,
+    for padding blocks and for experts the set does not hold."""
+    e = tl.load(expert_ids_ptr + block).to(tl.int64)
+    e = tl.where(block * BLOCK_M < tl.load(num_post_ptr), e, -1)
+    if HAS_MAP:
+        e = tl.where(e >= 0, tl.load(map_ptr + tl.maximum(e, 0)).to(tl.int64), -1)
+    return e
+
+
+@triton.jit
 def _gemv_store(acc, acc_up, pair, ok, pid_k, offs_n, mask_n, out_ptr, topk_w_ptr, N, num_pairs, top_k, so_m,
                 GATED: tl.constexpr, SPLIT_GATED: tl.constexpr, ACT: tl.constexpr):  # fmt: skip
     """The result of one pair ``pair`` (written where ``ok``): float32 partial sums of a split gate/up,
@@ -128,13 +139,7 @@ def _fused_moe_gemv_kernel(
     if GATED:
         _clear(zero_ptr, zero_numel, zero_chunk, (p * tl.num_programs(1) + pid_n) * tl.num_programs(2) + pid_k)
     if GROUPED:
-        if p * BLOCK_M >= tl.load(num_post_ptr):
-            return
-        e = tl.load(expert_ids_ptr + p).to(tl.int64)
-        if e < 0:
-            return
-        if HAS_MAP:
-            e = tl.load(map_ptr + e).to(tl.int64)
+        e = _block_expert(p, BLOCK_M, num_post_ptr, expert_ids_ptr, map_ptr, HAS_MAP)
     else:
         e = _set_index(tl.load(topk_ids_ptr + p).to(tl.int64), map_ptr, num_experts, HAS_MAP)
     if e < 0:
@@ -253,15 +258,9 @@ def _fused_moe_gemm_kernel(
     n_tiles = tl.cdiv(N, BLOCK_N)
     pid_m = pid // n_tiles
     pid_n = pid % n_tiles
-    if pid_m * BLOCK_M >= tl.load(num_post_ptr):
-        return
-    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    e = _block_expert(pid_m, BLOCK_M, num_post_ptr, expert_ids_ptr, map_ptr, HAS_MAP)
     if e < 0:
         return
-    if HAS_MAP:
-        e = tl.load(map_ptr + e).to(tl.int64)
-        if e < 0:
-            return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
     mask_m = pair < num_pairs
