@@ -301,7 +301,7 @@ def _fused_moe_gemm_kernel(
                 v, s = _weight_tile(w_e, z_e, s_e, g_e + sg_half, offs_n + N, mask_n, k0, K, gs, zero_offset, BO, BI,
                                     sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
                                     FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE,
-                                UNPACK)  # fmt: skip
+                                    UNPACK)  # fmt: skip
                 acc_up += tl.dot(a, tl.trans(v.to(a.dtype))) * s[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_GATED:
