@@ -182,3 +182,105 @@ def test_no_pass_compiles_after_warm_up(device: torch.device) -> None:
         tracker.end_pass()
     assert _compiled_variants() == compiled
     assert torch.equal(tracker.snapshot().tokens.sum(dim=0), routed)
+
+
+@pytest.mark.parametrize(("layers", "rows", "top_k", "experts", "num_tokens", "slot_dtype"),
+                         [(2, 9, 2, 6, 7, torch.int32), (3, 40, 4, 33, 40, torch.int64), (1, 300, 8, 64, 290, torch.int32)])
+def test_params_fold_matches_reference(device, layers, rows, top_k, experts, num_tokens, slot_dtype) -> None:
+    """The fold a CUDA graph holds, its pass values read from a device tensor, counts as the reference."""
+    from sglang.srt.enhanced.moe_tracker.fold_kernel import encode_pass_params, fold_pass_from_params
+
+    gen = torch.Generator().manual_seed(rows + 1)
+    staging = torch.stack([torch.stack([torch.randperm(experts + 1, generator=gen)[:top_k] - 1
+                                        for _ in range(rows)]) for _ in range(layers)]).to(torch.int32)
+    token_rows = torch.randint(-1, 5, (rows,), generator=gen)
+    results = []
+    for use_params in (True, False):
+        counts, last = _totals(layers, experts, device)
+        out = _outputs(layers, experts, 5, token_rows, device)
+        for phase, now, ring_slot in ((1, 1_700_000_003.5, 2), (0, 1_700_000_009.75, 0)):
+            out.ring_slot = ring_slot
+            buf = staging.clone().to(device)
+            if use_params:
+                out.token_rows = token_rows.to(slot_dtype).to(device)
+                values = encode_pass_params(num_tokens, phase, now, ring_slot, counts, layers, experts)
+                params = torch.tensor(values, dtype=torch.int64, device=device)
+                fold_pass_from_params(buf, rows, counts, last, params, experts, out)
+            else:
+                fold_pass_ref(buf, num_tokens, rows, counts, last, phase, now, experts, out)
+            assert torch.all(buf == -1)
+        results.append([t.cpu() for t in (counts, last, out.ring, out.request_counts, out.coactivation)])
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_params_fold_checks_its_params(device: torch.device) -> None:
+    from sglang.srt.enhanced.moe_tracker.fold_kernel import fold_pass_from_params
+
+    counts, last = _totals(1, 4, device)
+    staging = torch.zeros(1, 4, 2, dtype=torch.int32, device=device)
+    with pytest.raises(EnhancedError) as e:
+        fold_pass_from_params(staging, 4, counts, last, torch.zeros(5, dtype=torch.int32, device=device), 4)
+    assert e.value.culprit == "params"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+def test_graphs_fold_their_own_replays(device: torch.device) -> None:
+    """Graphs captured inside folding_in_graphs count each replay once (end_pass launches nothing for
+    them), read the request slots of the graph's input, fill the window; eager passes fold as before."""
+    from sglang.srt.enhanced.moe_tracker.tracker import ExpertActivationTracker
+
+    layers, experts, top_k, graph_rows, slots = 3, 40, 4, 8, 6
+    tracked = ExpertActivationTracker(layers, experts, top_k, max_tokens=64, device=device, window_passes=4)
+    tracked.enable_request_use(slots)
+    tracked.warm_up()
+    ids_in = torch.zeros(layers, graph_rows, top_k, dtype=torch.int32, device=device)
+    slot_in = torch.zeros(graph_rows, dtype=torch.int32, device=device)
+
+    def record_all() -> None:
+        for layer in range(layers):
+            tracked.record_routing(layer, ids_in[layer] + 0)  # a new tensor per layer, as a router makes
+
+    with tracked.folding_in_graphs(slot_in):
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            record_all()  # warm-up outside capture, as SGLang does
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            record_all()
+    gen = torch.Generator().manual_seed(11)
+    want_tokens = torch.zeros(2, layers, experts, dtype=torch.int64)
+    want_slots = torch.zeros(slots, layers, experts, dtype=torch.int32)
+    last_pass = None
+    for tokens in (1, 5, 8, 3, 20, 2):
+        ids = torch.stack([torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+                           for _ in range(layers)]).to(torch.int32)  # fmt: skip
+        rows = torch.randint(0, slots, (tokens,), generator=gen)
+        phase = 1 if tokens <= graph_rows else 0
+        for layer in range(layers):
+            want_tokens[phase, layer] += torch.bincount(ids[layer].flatten().long(), minlength=experts)
+            for t in range(tokens):
+                want_slots[rows[t], layer].index_add_(0, ids[layer, t].long(), torch.ones(top_k, dtype=torch.int32))
+        tracked.begin_pass(tokens, is_decode=phase == 1, token_rows=rows.to(device))
+        if tokens <= graph_rows:  # replay: padding rows hold stale ids and slots, never counted
+            ids_in.random_(0, experts)
+            slot_in.random_(0, slots)
+            ids_in[:, :tokens] = ids.to(device)
+            slot_in[:tokens] = rows.to(torch.int32).to(device)
+            graph.replay()
+        else:
+            for layer in range(layers):
+                tracked.record_routing(layer, ids[layer].to(device))
+        tracked.end_pass()
+        last_pass = (phase, ids)
+    assert tracked._counters.graph_folds  # noqa: SLF001
+    snap = tracked.snapshot()
+    assert torch.equal(snap.tokens, want_tokens)
+    assert torch.equal(tracked.request_use.slot_counts.cpu(), want_slots)
+    window = tracked.snapshot(window=1)
+    phase, ids = last_pass
+    assert torch.equal(window.tokens[phase], torch.stack([torch.bincount(x.flatten().long(), minlength=experts)
+                                                          for x in ids]))  # fmt: skip
+    assert tracked.snapshot(window=4).tokens.sum().item() == (8 + 3 + 20 + 2) * layers * top_k

@@ -45,6 +45,25 @@ IMPLS = ["numpy", "torch"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_passes_that_count_nothing_leave_the_window(impl: str) -> None:
+    """A pass ended with no tokens, or aborted, gives its ring slot back: the window still ends with
+    the last real passes, in order."""
+    t = make(impl, window_passes=2)
+    first, second = [[0, 1]], [[2, 3], [4, 5]]
+    run_pass(t, first)
+    t.begin_pass(1, is_decode=True)
+    t.record_routing(1, torch.tensor([[5, 4]], dtype=torch.int32))
+    t.end_pass(0)
+    t.begin_pass(2, is_decode=False)
+    t.abort_pass()
+    run_pass(t, second)
+    snap = t.snapshot(window=2)
+    assert snap.window["passes"] == 2 and snap.num_passes == {"prefill": 2, "decode": 0}
+    assert snap.tokens[0, 1].tolist() == [a + b for a, b in zip(hist(first, 1), hist(second, 1), strict=True)]
+    assert t.snapshot(window=1).tokens[0, 1].tolist() == hist(second, 1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_window_holds_the_last_passes(impl: str) -> None:
     t = make(impl, window_passes=3)
     passes = [[[0, 1]], [[1, 2], [2, 3]], [[4, 5]], [[0, 5], [1, 4], [2, 3]]]

@@ -18,6 +18,11 @@ other devices it builds one ``[layers, experts + 1]`` histogram with ``scatter_a
 (padding ids ``-1`` and out-of-range ids land in the extra column) and updates the
 totals with a few torch ops.
 
+In CUDA graphs (:meth:`ExpertCounters.folding_in_graphs`) the fold is captured with the
+records, at the last MoE layer: it then reads the pass's token count, phase, time and ring
+slot from a small device tensor (``pass_params``) that the host writes before each replay
+through a pinned buffer, so a replayed pass costs the host one copy instead of a launch.
+
 Optional per-pass outputs, all updated by the same fold (so still no host sync and nothing
 inside a CUDA graph): a ring of the last ``window`` passes' histograms (``ring``, int32
 ``[window, layers, experts]``), per-request-slot counts (``request_counts``, int32 ``[slots,
@@ -28,6 +33,8 @@ experts]``, pair ``a < b`` at ``[layer, a, b]``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +45,8 @@ from sglang.srt.enhanced.moe_tracker.snapshot import PHASES
 
 EMPTY = -1
 FOLD_IMPLS = ("triton", "numpy", "torch")
+# Values a fold captured in a CUDA graph reads per pass (fold_kernel.encode_pass_params).
+PASS_PARAMS = 5
 
 
 @dataclass
@@ -130,10 +139,18 @@ class ExpertCounters:
             if coactivation else None
         )
         self.request_counts: torch.Tensor | None = None
+        # Folds captured into CUDA graphs (see folding_in_graphs).
+        self.pass_params = torch.zeros(PASS_PARAMS, dtype=torch.int64, device=self.device)
+        self._params_host: _PinnedRing | None = None
+        self._graph_token_rows: torch.Tensor | None = None
+        self._capturing_folds = False
+        self.graph_folds = False
+        self._eager_records = False
 
     def enable_request_slots(self, num_slots: int) -> torch.Tensor:
         """Allocate (once) the per-request-slot counts ``[num_slots, layers, experts]``; returns them."""
         if self.request_counts is None or self.request_counts.shape[0] < num_slots:
+            self._check_not_captured("per-request-slot counts")
             self.request_counts = torch.zeros(
                 num_slots, self.routing_layers, self.routing_experts, dtype=torch.int32, device=self.device
             )
@@ -156,6 +173,7 @@ class ExpertCounters:
     def select(self, num_tokens: int) -> None:
         """Pick the staging buffer for a pass of ``num_tokens`` rows (host side, outside graphs)."""
         self._drop_pending()
+        self._eager_records = False
         if num_tokens <= self.capacity:
             self._use_primary()
             return
@@ -193,8 +211,63 @@ class ExpertCounters:
             )
         self._pending_dst.append(rows[:n] if k == self.top_k else rows[:n, :k])
         self._pending_src.append(topk_ids)
+        # Only SGLang's graph capture (folding_in_graphs) asks; a record outside it is an eager pass's.
+        capturing = self._capturing_folds and _is_capturing(self.device)
+        self._eager_records = self._eager_records or not capturing
         if layer_id == self.flush_layer:
             self.flush()
+            if capturing:
+                self._capture_fold(n)
+
+    # ------------------------------------------------------------------ folds in CUDA graphs
+    @contextmanager
+    def folding_in_graphs(self, token_rows: torch.Tensor | None = None) -> Iterator[None]:
+        """While open, a CUDA graph captured of a pass holds the pass's fold too (CUDA, Triton fold).
+
+        The captured fold reads each replay's token count, phase, time and ring slot from
+        ``pass_params``, which :meth:`write_pass_params` fills before the replay; a pass that a graph
+        replays then needs no fold launch (:meth:`fold` skips it: none of its records ran eagerly).
+        ``token_rows``: the graphs' own input of each row's request slot (int32 or int64, at least as
+        many rows as any captured pass), read at each replay for the per-request counts; None leaves
+        them out of graph passes. Once a graph holds a fold, the totals are never reallocated.
+        """
+        if self.device.type != "cuda" or self.fold_impl != "triton" or not self.routing_enabled:
+            yield
+            return
+        if self._params_host is None:
+            self._params_host = _PinnedRing(PASS_PARAMS)
+        self._capturing_folds, self._graph_token_rows = True, token_rows
+        try:
+            yield
+        finally:
+            self._capturing_folds, self._graph_token_rows = False, None
+
+    def write_pass_params(self, num_tokens: int, phase: int, now: float, ring_slot: int) -> None:
+        """Give the folds captured in graphs this pass's values (host side, before the replay; no sync)."""
+        if not self.graph_folds:
+            return
+        values = self._encode_params(num_tokens, phase, now, ring_slot, self._counts, self.routing_layers,
+                                    self.routing_experts)  # fmt: skip
+        self._params_host.copy_to(self.pass_params, values)
+
+    def _capture_fold(self, rows: int) -> None:
+        from sglang.srt.enhanced.moe_tracker.fold_kernel import encode_pass_params, fold_pass_from_params
+
+        token_rows = self._graph_token_rows
+        requests = self.request_counts is not None and token_rows is not None
+        outputs = PassOutputs(ring=self.ring, request_counts=self.request_counts if requests else None,
+                              token_rows=token_rows if requests else None, coactivation=self.coactivation)  # fmt: skip
+        fold_pass_from_params(self._primary, rows, self._counts, self.last_activation_time, self.pass_params,
+                              self.routing_experts, outputs)  # fmt: skip
+        self._encode_params = encode_pass_params
+        self.graph_folds = True
+
+    def _check_not_captured(self, what: str) -> None:
+        if self.graph_folds:
+            raise EnhancedError(
+                f"the {what} cannot be reallocated: CUDA graphs captured with the tracker's fold write to them",
+                culprit="tracker",
+            )
 
     def flush(self) -> None:
         """Copy every pending record into the staging buffer (one multi-tensor copy; capture-safe).
@@ -235,6 +308,8 @@ class ExpertCounters:
         """
         self.flush()
         buf = self._active
+        if self.graph_folds and not self._eager_records and buf is self._primary:
+            return  # a CUDA graph replayed this pass, and the fold it holds counted it
         outputs = PassOutputs(
             ring=self.ring if ring_slot is not None else None,
             ring_slot=ring_slot or 0,
@@ -318,6 +393,7 @@ class ExpertCounters:
         """Enlarge the totals to at least ``[num_layers, num_experts]``, keeping their values."""
         if num_layers <= self.num_layers and num_experts <= self.num_experts:
             return
+        self._check_not_captured("totals")
         old_counts, old_last = self._counts, self.last_activation_time
         self._alloc_totals(max(num_layers, self.num_layers), max(num_experts, self.num_experts))
         nl, ne = old_last.shape
@@ -428,6 +504,36 @@ def _fold_extras_torch(ids: torch.Tensor, hist: torch.Tensor, out: PassOutputs, 
 
 def _round_up(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
+
+
+class _PinnedRing:
+    """Host-to-device copies of small int64 vectors with no sync per copy: rows of a pinned ring.
+
+    A row is rewritten only after the copy that last read it has run: an event recorded as the
+    copies leave each half of the ring is waited for when they come back to it (normally long done).
+    """
+
+    def __init__(self, width: int, rows: int = 64) -> None:
+        self.host = torch.zeros(rows, width, dtype=torch.int64, pin_memory=True)
+        self._view = self.host.numpy()
+        self._rows = list(self.host.unbind(0))
+        self._half = rows // 2
+        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._next = 0
+
+    def copy_to(self, dst: torch.Tensor, values: list[int]) -> None:
+        """Enqueue ``dst.copy_(values)`` on the current stream."""
+        i = self._next
+        half = i // self._half
+        if i % self._half == 0 and self._events[half] is not None:
+            self._events[half].synchronize()
+        self._view[i] = values
+        dst.copy_(self._rows[i], non_blocking=True)
+        self._next = (i + 1) % (2 * self._half)
+        if self._next % self._half == 0:
+            event = torch.cuda.Event()
+            event.record()
+            self._events[half] = event
 
 
 def _is_capturing(device: torch.device) -> bool:

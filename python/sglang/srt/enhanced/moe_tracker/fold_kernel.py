@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from sglang.srt.enhanced.errors import EnhancedError
-from sglang.srt.enhanced.moe_tracker.counters import PassOutputs
+from sglang.srt.enhanced.moe_tracker.counters import PASS_PARAMS, PassOutputs
 
 # Elements of the [ids, experts] comparison tile one program holds at a time.
 _TILE = 8192
@@ -70,7 +70,7 @@ def _count_rows(
             toks = start + tl.arange(0, BLOCK_T)
             live = toks < t1
             if REQUESTS:
-                req_row = tl.load(token_rows_ptr + toks, mask=live, other=-1)
+                req_row = tl.load(token_rows_ptr + toks, mask=live, other=-1).to(tl.int64)
                 req_base = request_ptr + req_row * request_row_stride + layer.to(tl.int64) * num_experts
             for i in tl.static_range(TOP_K):
                 a = tl.load(base + toks * TOP_K + i, mask=live, other=-1)
@@ -138,15 +138,23 @@ def _fold_pass_kernel(
     staging_ptr, counts_ptr, last_ptr, hist_ptr,
     num_tokens, clear_rows, rows_per_program, staging_layer_stride, num_experts,
     lifetime_stride, activations_stride, phase_offset, layer_stride, now_seconds, now_fraction,
-    ring_ptr, ring_offset, request_ptr, token_rows_ptr, request_row_stride, coact_ptr,
+    ring_ptr, ring_offset, request_ptr, token_rows_ptr, request_row_stride, coact_ptr, params_ptr,
     BLOCK_IDS: tl.constexpr, BLOCK_E: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
-    RING: tl.constexpr, REQUESTS: tl.constexpr, COACT: tl.constexpr, SPLIT: tl.constexpr,
+    RING: tl.constexpr, REQUESTS: tl.constexpr, COACT: tl.constexpr, SPLIT: tl.constexpr, PARAMS: tl.constexpr,
 ):  # fmt: skip
     """Program ``(layer, block)``: rows ``[block * rows_per_program, ...)`` of one layer.
 
     Not SPLIT (one block per layer): the histogram goes straight into the totals. SPLIT: it is
     added into ``hist_ptr`` int32 ``[layers, num_experts]`` for :func:`_fold_totals_kernel`.
+    PARAMS: the per-pass values come from ``params_ptr`` (see :func:`encode_pass_params`), not
+    from the arguments of the same names, so a CUDA graph can hold the launch.
     """
+    if PARAMS:
+        num_tokens = tl.load(params_ptr).to(tl.int32)
+        phase_offset = tl.load(params_ptr + 1)
+        now_seconds = tl.load(params_ptr + 2)
+        now_fraction = tl.load(params_ptr + 3).to(tl.float64) / 1e9
+        ring_offset = tl.load(params_ptr + 4)
     layer = tl.program_id(0)
     t0 = tl.program_id(1) * rows_per_program
     t1 = tl.minimum(t0 + rows_per_program, num_tokens)
@@ -192,7 +200,8 @@ def _check(staging: torch.Tensor, counts: torch.Tensor, last: torch.Tensor, phas
         )
 
 
-def _check_outputs(out: PassOutputs, layers: int, num_experts: int, num_tokens: int) -> None:
+def _check_outputs(out: PassOutputs, layers: int, num_experts: int, num_tokens: int,
+                   slot_dtypes: tuple[torch.dtype, ...] = (torch.int64,)) -> None:
     shapes = (
         ("ring", out.ring, torch.int32, lambda t: t.shape[1:] == (layers, num_experts)),
         ("request_counts", out.request_counts, torch.int32, lambda t: t.shape[1:] == (layers, num_experts)),
@@ -204,7 +213,7 @@ def _check_outputs(out: PassOutputs, layers: int, num_experts: int, num_tokens: 
             raise EnhancedError(f"{name} must be a contiguous {dtype} tensor sized for "
                                 f"{layers} layers x {num_experts} experts", culprit=name)
     if out.request_counts is not None and (
-        out.token_rows is None or out.token_rows.dtype != torch.int64 or out.token_rows.numel() < num_tokens
+        out.token_rows is None or out.token_rows.dtype not in slot_dtypes or out.token_rows.numel() < num_tokens
     ):
         raise EnhancedError("request_counts needs int64 token_rows with one entry per token", culprit="token_rows")
 
@@ -233,17 +242,67 @@ def fold_pass(
     _check_outputs(out, layers, num_experts, num_tokens)
     if layers == 0 or num_experts == 0 or (num_tokens == 0 and clear_rows == 0 and out.ring is None):
         return
-    block_e = triton.next_power_of_2(num_experts)
     split = max(num_tokens, clear_rows) > SPLIT_ABOVE_ROWS
+    values = encode_pass_params(num_tokens, phase, now, out.ring_slot, counts, layers, num_experts)
+    _launch(staging, counts, last, num_experts, out, clear_rows, values, split=split,
+            requests=out.request_counts is not None and num_tokens > 0,
+            coact=out.coactivation is not None and num_tokens > 0 and top_k > 1)  # fmt: skip
+
+
+def encode_pass_params(
+    num_tokens: int, phase: int, now: float, ring_slot: int, counts: torch.Tensor, layers: int, num_experts: int
+) -> list[int]:
+    """A pass's values as :func:`fold_pass_from_params` reads them (``PASS_PARAMS`` int64s, in order):
+    tokens, ``phase``'s offset into ``counts``, ``now`` in whole seconds and the nanoseconds after,
+    the ring slot's offset."""
+    seconds = math.floor(now)
+    return [num_tokens, phase * counts.stride(2), seconds, round((now - seconds) * 1e9),
+            ring_slot * layers * num_experts]  # fmt: skip
+
+
+def fold_pass_from_params(
+    staging: torch.Tensor,
+    clear_rows: int,
+    counts: torch.Tensor,
+    last: torch.Tensor,
+    params: torch.Tensor,
+    num_experts: int,
+    outputs: PassOutputs | None = None,
+) -> None:
+    """:func:`fold_pass` with the pass's token count, phase, time and ring slot read on the device
+    from ``params`` (int64, :func:`encode_pass_params`), so one launch inside a CUDA graph folds
+    each replay with the values written before it. One program per layer; rows ``[:clear_rows]`` are
+    cleared and bound the token count. ``outputs.token_rows`` may be int32 here."""
+    _check(staging, counts, last, 0, num_experts)
+    out = outputs or PassOutputs()
+    layers, rows, top_k = staging.shape
+    clear_rows = min(max(clear_rows, 0), rows)
+    _check_outputs(out, layers, num_experts, clear_rows, (torch.int64, torch.int32))
+    if params.dtype != torch.int64 or params.numel() < PASS_PARAMS or params.device != staging.device \
+            or not params.is_contiguous():
+        raise EnhancedError(f"params must be {PASS_PARAMS} contiguous int64 values on {staging.device}",
+                            culprit="params")  # fmt: skip
+    if layers == 0 or num_experts == 0:
+        return
+    _launch(staging, counts, last, num_experts, out, clear_rows, [0] * PASS_PARAMS, split=False,
+            requests=out.request_counts is not None, coact=out.coactivation is not None and top_k > 1,
+            params=params)  # fmt: skip
+
+
+def _launch(
+    staging: torch.Tensor, counts: torch.Tensor, last: torch.Tensor, num_experts: int, out: PassOutputs,
+    clear_rows: int, values: list[int], *, split: bool, requests: bool, coact: bool,
+    params: torch.Tensor | None = None,
+) -> None:  # fmt: skip
+    layers, rows, top_k = staging.shape
+    num_tokens, phase_offset, seconds, nanoseconds, ring_offset = values
+    block_e = triton.next_power_of_2(num_experts)
     per_program = TOKENS_PER_PROGRAM if split else max(num_tokens, clear_rows, 1)
     blocks = triton.cdiv(max(num_tokens, clear_rows, 1), per_program)
-    seconds = math.floor(now)
-    requests = out.request_counts is not None and num_tokens > 0
-    coact = out.coactivation is not None and num_tokens > 0 and top_k > 1
     hist = torch.zeros(layers, num_experts, dtype=torch.int32, device=staging.device) if split else counts
     totals = (
-        counts.stride(0), counts.stride(1), phase * counts.stride(2), counts.stride(3), int(seconds),
-        float(now - seconds), out.ring if out.ring is not None else counts, out.ring_slot * layers * num_experts,
+        counts.stride(0), counts.stride(1), phase_offset, counts.stride(3), seconds, nanoseconds / 1e9,
+        out.ring if out.ring is not None else counts, ring_offset,
     )  # fmt: skip
     _fold_pass_kernel[(layers, blocks)](
         staging, counts, last, hist,
@@ -252,8 +311,9 @@ def fold_pass(
         out.token_rows if requests else counts,
         layers * num_experts,
         out.coactivation if coact else counts,
+        params if params is not None else counts,
         BLOCK_IDS=max(16, _TILE // block_e), BLOCK_E=block_e, TOP_K=top_k, BLOCK_T=BLOCK_T,
-        RING=out.ring is not None, REQUESTS=requests, COACT=coact, SPLIT=split,
+        RING=out.ring is not None, REQUESTS=requests, COACT=coact, SPLIT=split, PARAMS=params is not None,
     )  # fmt: skip
     if split:
         _fold_totals_kernel[(layers,)](hist, counts, last, num_experts, *totals, BLOCK_E=block_e,
@@ -261,22 +321,28 @@ def fold_pass(
 
 
 def warm_up(num_experts: int, top_k: int, device: torch.device, *, ring: bool, coactivation: bool) -> None:
-    """Compile the fold's variants a server meets (one program per layer or split; with and without
-    per-request counts) on scratch tensors, so no pass waits for the compiler."""
+    """Compile the fold's variants a server meets (one program per layer or split, or read from
+    params for CUDA graphs; with and without per-request counts, int64 or int32 request slots) on
+    scratch tensors, so no pass waits for the compiler and no graph capture compiles."""
     counts = torch.zeros(2, 2, 2, 1, num_experts, dtype=torch.int64, device=device)
     last = torch.zeros(1, num_experts, dtype=torch.float64, device=device)
+    params = torch.zeros(PASS_PARAMS, dtype=torch.int64, device=device)
     rows = SPLIT_ABOVE_ROWS + 1
-    for tokens in (1, rows):
+    variants = [(tokens, torch.int64) for tokens in (1, rows)] + [(None, torch.int64), (None, torch.int32)]
+    for tokens, slot_dtype in variants:
         for requests in (False, True):
             out = PassOutputs(
                 ring=torch.zeros(1, 1, num_experts, dtype=torch.int32, device=device) if ring else None,
                 request_counts=torch.zeros(1, 1, num_experts, dtype=torch.int32, device=device) if requests else None,
-                token_rows=torch.zeros(rows, dtype=torch.int64, device=device) if requests else None,
+                token_rows=torch.zeros(rows, dtype=slot_dtype, device=device) if requests else None,
                 coactivation=torch.zeros(1, num_experts, num_experts, dtype=torch.int64, device=device)
                 if coactivation else None,
             )
             staging = torch.zeros(1, rows, top_k, dtype=torch.int32, device=device)
-            fold_pass(staging, tokens, tokens, counts, last, 0, 0.0, num_experts, out)
+            if tokens is None:
+                fold_pass_from_params(staging, 1, counts, last, params, num_experts, out)
+            else:
+                fold_pass(staging, tokens, tokens, counts, last, 0, 0.0, num_experts, out)
 
 
 def fold_pass_ref(

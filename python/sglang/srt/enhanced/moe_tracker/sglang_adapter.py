@@ -15,6 +15,10 @@ feeds an :class:`ExpertActivationTracker`:
   :class:`RequestSlots` learns which request holds a slot when SGLang assigns it
   (``ScheduleBatch.prepare_for_extend``) and closes the slot's record when SGLang frees
   it (``ReqToTokenPool.free``: a request finished, or its next prompt chunk moves slot);
+* CUDA graphs: :func:`fold_in_captured_graphs` makes SGLang's graph capture hold the
+  tracker's fold, so a replayed decode step costs the host one small copy (the pass's
+  values), not a fold launch; the fold reads each row's request slot from the graph
+  runner's own input;
 * SGLang's expert-distribution requests reach every scheduler: ``dump_record``
   answers the pending query of the statistics exchange (``exchange.py``),
   ``start_record`` resets the statistics.
@@ -121,7 +125,8 @@ class TrackingRecorder(ExpertDistributionRecorder):
             raise
         with self._lock:
             tracker.end_pass(num_tokens)
-            if tracker.device.type == "cuda":
+            if self._fold_stream is None and tracker.device.type == "cuda":
+                # SGLang runs every forward pass of a process on one stream (its forward thread's).
                 self._fold_stream = torch.cuda.current_stream(tracker.device)
 
     def on_select_experts(self, topk_ids: torch.Tensor) -> None:
@@ -241,6 +246,12 @@ class RequestSlots:
             if req is not None and self.recorder.tracker is not None:
                 self.recorder.release_slot(int(slot), str(req.rid), req.finished())
 
+    def enable(self, pool: Any) -> None:
+        """Size the tracker's per-slot counts for SGLang's request pool ``pool`` (once)."""
+        tracker = self.recorder.tracker
+        if tracker is not None and tracker.request_use is None:
+            tracker.enable_request_use(int(pool.size), self.max_records)
+
     def token_rows(self, forward_batch: Any, num_tokens: int) -> torch.Tensor | None:
         """Each token's request slot (int64, on the device), or None for passes without per-request use."""
         tracker = self.recorder.tracker
@@ -248,8 +259,7 @@ class RequestSlots:
         indices = getattr(forward_batch, "req_pool_indices", None)
         if tracker is None or pool is None or indices is None:
             return None
-        if tracker.request_use is None:
-            tracker.enable_request_use(int(pool.size), self.max_records)
+        self.enable(pool)
         mode = forward_batch.forward_mode
         if mode.is_decode():
             return indices if indices.numel() == num_tokens else None
@@ -260,6 +270,40 @@ class RequestSlots:
                 return None
             return torch.repeat_interleave(indices, lens, output_size=num_tokens)
         return None
+
+
+def fold_in_captured_graphs() -> None:
+    """Wrap SGLang's ``CudaGraphRunner.capture`` (once per process) so the graphs it captures fold
+    their own passes into the installed tracker (see ``ExpertActivationTracker.folding_in_graphs``).
+
+    Per-request counts come from the runner's request-slot input (``req_pool_indices``); the
+    tracker's per-slot counts are sized for the runner's request pool first. With several tokens
+    per request in a graph (speculative decoding), graph passes leave per-request counts out.
+    """
+    from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner
+
+    capture = CudaGraphRunner.capture
+    if getattr(capture, "folds_tracking", False):
+        return
+
+    def capture_with_folds(runner: Any) -> Any:
+        recorder = get_global_expert_distribution_recorder()
+        tracker = getattr(recorder, "tracker", None)
+        if not isinstance(recorder, TrackingRecorder) or tracker is None:
+            return capture(runner)
+        token_rows = None
+        if recorder.slots is not None and runner.num_tokens_per_bs == 1:
+            recorder.slots.enable(runner.model_runner.req_to_token_pool)
+            token_rows = runner.req_pool_indices
+        with tracker.folding_in_graphs(token_rows):
+            result = capture(runner)
+        if tracker.graphs_fold:
+            logger.info("Expert tracking: the CUDA graphs fold their own passes (per-request counts %s)",
+                        "on" if token_rows is not None and tracker.request_use is not None else "off")
+        return result
+
+    capture_with_folds.folds_tracking = True
+    CudaGraphRunner.capture = capture_with_folds
 
 
 def install_tracking_recorder(model: nn.Module, model_config: Any, settings: LaunchSettings) -> TrackingRecorder:
@@ -291,5 +335,7 @@ def install_tracking_recorder(model: nn.Module, model_config: Any, settings: Lau
     if tracker is not None and settings.expert_request_records > 0:
         recorder.slots = RequestSlots(recorder, settings.expert_request_records)
         recorder.slots.install()
+    if tracker is not None:
+        fold_in_captured_graphs()
     set_global_expert_distribution_recorder(recorder)
     return recorder

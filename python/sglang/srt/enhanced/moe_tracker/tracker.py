@@ -8,6 +8,9 @@ Two ways in:
       tracker.record_routing(layer_id, topk_ids)    # per MoE layer; capture-safe, one copy
       tracker.end_pass(real_num_tokens)             # host, outside graphs; no host sync
 
+  A CUDA graph captured inside ``tracker.folding_in_graphs()`` holds the fold as well, so
+  ``end_pass`` launches nothing for its replays.
+
 - the host path of the original API: ``record_expert_activation`` / ``record_request``.
 
 Beyond the totals since the last reset, the device path keeps (each optional): the last
@@ -21,7 +24,7 @@ server process can report on snapshots taken in other processes.
 
 Semantics per (layer, expert): ``activation_count`` = passes in which the expert got at
 least one token; ``total_tokens_processed`` = tokens routed to it; ``last_activation_time``
-= ``time.time()`` at the end of its last active pass.
+= ``time.time()`` at the start (``begin_pass``) of its last active pass.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, NamedTuple
 
 import torch
 
@@ -43,6 +47,16 @@ from sglang.srt.enhanced.moe_tracker.snapshot import DECODE, PHASES, PREFILL, Tr
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_REQUESTS = 10_000
 DEFAULT_WINDOW_PASSES = 1000
+
+
+class _Pass(NamedTuple):
+    """The pass between begin_pass and end_pass: its rows, phase, request slots, start time, ring slot."""
+
+    num_tokens: int
+    phase: int
+    token_rows: torch.Tensor | None
+    now: float
+    ring: tuple[int, tuple[int, float] | None] | None
 
 
 class ExpertActivationTracker:
@@ -92,7 +106,7 @@ class ExpertActivationTracker:
         self._num_passes = [0, 0]
         self._lifetime_passes = [0, 0]
         self._created_time = self._start_time = time.time()
-        self._pass: tuple[int, int, torch.Tensor | None] | None = None
+        self._pass: _Pass | None = None
         # Ring of recent passes: host-side phase and time of each slot, next slot, slots filled.
         self._ring_meta: list[tuple[int, float]] = []
         self._ring_next = 0
@@ -140,6 +154,17 @@ class ExpertActivationTracker:
                 slots = self._counters.enable_request_slots(num_slots)
                 self.request_use = RequestExpertUse(slots, max_records)
 
+    def folding_in_graphs(self, token_rows: torch.Tensor | None = None) -> AbstractContextManager[None]:
+        """Open around a CUDA-graph capture of passes: each graph then folds its own replays, and
+        ``end_pass`` launches nothing for them. ``token_rows``: the graphs' input of each row's request
+        slot (see ``ExpertCounters.folding_in_graphs``)."""
+        return self._counters.folding_in_graphs(token_rows)
+
+    @property
+    def graphs_fold(self) -> bool:
+        """Whether a CUDA graph captured in :meth:`folding_in_graphs` holds the fold."""
+        return self._counters.graph_folds
+
     def warm_up(self) -> None:
         """Compile the device path's kernels now (CUDA), so no served pass waits for them."""
         self._counters.warm_up()
@@ -151,7 +176,8 @@ class ExpertActivationTracker:
                 self.request_use.release(slot, request_id, finished)
 
     def begin_pass(self, num_tokens: int, is_decode: bool, token_rows: torch.Tensor | None = None) -> None:
-        """Start a forward pass of ``num_tokens`` rows (include CUDA-graph padding rows here).
+        """Start a forward pass of ``num_tokens`` rows (include CUDA-graph padding rows here, except
+        for graphs captured in :meth:`folding_in_graphs`, which count the ``num_tokens`` given here).
 
         Host side, outside graph capture. A pass larger than ``max_tokens`` stages into a
         separate, growable buffer and must run eagerly. ``token_rows`` (int64, on the device,
@@ -168,7 +194,10 @@ class ExpertActivationTracker:
                 raise EnhancedError("begin_pass called again before end_pass", culprit="tracker")
             self._counters.select(num_tokens)
             rows = token_rows if self.request_use is not None else None
-            self._pass = (num_tokens, DECODE if is_decode else PREFILL, rows)
+            phase, now = DECODE if is_decode else PREFILL, time.time()
+            ring = self._ring_slot(phase, now) if num_tokens > 0 and self.window_capacity else None
+            self._counters.write_pass_params(num_tokens, phase, now, 0 if ring is None else ring[0])
+            self._pass = _Pass(num_tokens, phase, rows, now, ring)
 
     def record_routing(self, layer_id: int, topk_ids: torch.Tensor) -> None:
         """Stage the router's choice ``topk_ids`` ``[num_tokens, top_k]`` of MoE layer ``layer_id``.
@@ -190,29 +219,34 @@ class ExpertActivationTracker:
         with self._lock:
             if self._pass is None:
                 raise EnhancedError("end_pass called without begin_pass", culprit="tracker")
-            begun, phase, token_rows = self._pass
+            p = self._pass
+            begun = p.num_tokens
             count = begun if num_tokens is None else num_tokens
             if not 0 <= count <= begun:
-                self._counters.discard(begun)
-                self._pass = None
+                self._drop_pass()
                 raise EnhancedError(
                     f"end_pass num_tokens={count} is outside [0, {begun}] (begin_pass)", culprit="num_tokens"
                 )
-            now = time.time()
-            ring_slot = self._ring_slot(phase, now) if count > 0 and self.window_capacity else None
-            rows = token_rows if token_rows is not None and token_rows.numel() >= count else None
-            self._counters.fold(count, phase, now, clear_rows=begun, ring_slot=ring_slot, token_rows=rows)
+            if count == 0:
+                self._unring(p.ring)
+            rows = p.token_rows if p.token_rows is not None and p.token_rows.numel() >= count else None
+            ring_slot = p.ring[0] if p.ring is not None and count > 0 else None
+            self._counters.fold(count, p.phase, p.now, clear_rows=begun, ring_slot=ring_slot, token_rows=rows)
             if count > 0:
-                self._num_passes[phase] += 1
-                self._lifetime_passes[phase] += 1
+                self._num_passes[p.phase] += 1
+                self._lifetime_passes[p.phase] += 1
             self._pass = None
 
     def abort_pass(self) -> None:
         """Drop the current pass (e.g. its forward raised) without counting it."""
         with self._lock:
-            if self._pass is not None:
-                self._counters.discard(self._pass[0])
-                self._pass = None
+            self._drop_pass()
+
+    def _drop_pass(self) -> None:
+        if self._pass is not None:
+            self._counters.discard(self._pass.num_tokens)
+            self._unring(self._pass.ring)
+            self._pass = None
 
     # ------------------------------------------------------------------ host path
     def record_expert_activation(
@@ -315,14 +349,28 @@ class ExpertActivationTracker:
                     record["tokens_routed"] += use["tokens_routed"]
         return sorted(records.values(), key=lambda r: r.get("time") or 0.0)
 
-    def _ring_slot(self, phase: int, now: float) -> int:
+    def _ring_slot(self, phase: int, now: float) -> tuple[int, tuple[int, float] | None]:
+        """Take the ring's next slot for a pass; returns it and what it held (for :meth:`_unring`)."""
         slot = self._ring_next
+        held = None
         if slot < len(self._ring_meta):
+            held = self._ring_meta[slot]
             self._ring_meta[slot] = (phase, now)
         else:
             self._ring_meta.append((phase, now))
         self._ring_next = (slot + 1) % self.window_capacity
-        return slot
+        return slot, held
+
+    def _unring(self, taken: tuple[int, tuple[int, float] | None] | None) -> None:
+        """Give back the ring slot a pass took (it counted no token)."""
+        if taken is None:
+            return
+        slot, held = taken
+        if held is None:
+            self._ring_meta.pop()
+        else:
+            self._ring_meta[slot] = held
+        self._ring_next = slot
 
     def _window_totals(self, window: int) -> dict[str, Any]:
         """Counters of the last ``window`` passes (as many as the ring holds), on the CPU."""
