@@ -8,8 +8,9 @@ per layer). Timed per pass, in microseconds of wall time (host included):
 - ``record x L`` and ``end_pass``: the tracker calls alone.
 
 On CUDA also: ``eager pass`` / ``graph pass`` = begin_pass + L record_routing (eager, or
-captured in a CUDA graph and replayed) + end_pass, with the one-kernel fold and with the
-torch-op fold (``torch fold``); ``graph GPU`` = the GPU time of one graph pass (passes
+captured in a CUDA graph and replayed) + end_pass, with the one-kernel fold, with the
+torch-op fold (``torch fold``) and with the fold captured in the graph (``fold in graph``,
+as SGLang's graphs run it), per-request counts on; ``graph GPU`` = the GPU time of one graph pass (passes
 queued behind a sleep kernel, so host launch time is hidden); ``records GPU`` = GPU time
 of a graph of the L record_routing calls alone. The graph passes' counts are checked.
 
@@ -131,33 +132,41 @@ def bench_graph(
     timer: Callable[[Callable[[], None], int], float],
 ) -> dict[str, float]:
     result: dict[str, float] = {}
-    for fused in (True, False):
-        tag = "" if fused else " (torch fold)"
+    for tag, fused, in_graph in (("", True, False), (" (torch fold)", False, False), (" (fold in graph)", True, True)):
         tracker = _tracker(args, device, fused)
+        # Per-request counts on, as in a server: each row its own request slot.
+        slots = torch.arange(batch, device=device) % args.request_slots
 
         def record_all(tracker: ExpertActivationTracker = tracker) -> None:
             for layer, t in enumerate(ids):
                 tracker.record_routing(layer, t)
 
-        graph = _capture(record_all, device)
+        if in_graph:
+            with tracker.folding_in_graphs(slots):
+                graph = _capture(record_all, device)
+        else:
+            graph = _capture(record_all, device)
         tracker.reset_stats()
 
-        def eager_pass(tracker: ExpertActivationTracker = tracker, record_all=record_all) -> None:
-            tracker.begin_pass(batch, is_decode=True)
+        def eager_pass(tracker: ExpertActivationTracker = tracker, record_all=record_all, slots=slots) -> None:
+            tracker.begin_pass(batch, is_decode=True, token_rows=slots)
             record_all()
             tracker.end_pass()
 
-        def graph_pass(tracker: ExpertActivationTracker = tracker, graph=graph) -> None:
-            tracker.begin_pass(batch, is_decode=True)
+        def graph_pass(tracker: ExpertActivationTracker = tracker, graph=graph, slots=slots) -> None:
+            tracker.begin_pass(batch, is_decode=True, token_rows=slots)
             graph.replay()
             tracker.end_pass()
 
-        result["eager pass" + tag] = timer(eager_pass, args.iters)
+        if not in_graph:
+            result["eager pass" + tag] = timer(eager_pass, args.iters)
         tracker.reset_stats()
         result["graph pass" + tag] = timer(graph_pass, args.iters)
         _check_counts(tracker, ids, args.experts, batch)
-        result["graph GPU" + tag] = gpu_time(graph_pass, args.iters, device)
-        if fused:
+        # Passes queued behind the sleep: with the fold in the graph, no more than the host's ring of
+        # pass values holds before it waits for the GPU (half of its 64 rows).
+        result["graph GPU" + tag] = gpu_time(graph_pass, min(args.iters, 30) if in_graph else args.iters, device)
+        if fused and not in_graph:
             result["records GPU"] = gpu_time(graph.replay, args.iters, device)
     return result
 

@@ -49,6 +49,10 @@ def rel_err(y, ref):
         (8, 32, False, (4,), 64, 32, ROWS),
         (2, 64, False, (5,), 128, 32, DOT),
         (3, 32, False, (3,), 64, 32, ROWS),
+        # whole-tile reads instead of word planes
+        (4, 32, False, (3,), 96, 40, LinearConfig(2, 32, 32, split_k=3, use_dot=False, unpack="join")),
+        (4, 16, False, (20,), 64, 48, LinearConfig(16, 32, 32, split_k=2, unpack="join")),
+        (8, 32, True, (5,), 64, 32, LinearConfig(16, 32, 32, unpack="repeat")),
     ],
 )
 def test_gptq_linear(bits, group, act_order, lead, k, n, cfg, device, poisoned):  # noqa: F811

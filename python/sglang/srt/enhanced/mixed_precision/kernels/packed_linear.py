@@ -1,8 +1,8 @@
 """Weight-only packed linear layers (GPTQ integers, FP8 e4m3): ``y = x @ W^T (+ bias)``.
 
-One kernel, two shapes chosen by the number of rows: a few rows take CUDA-core dot products
-over wide K tiles split across many programs (decode), more rows take tensor core products on
-weight tiles decoded in registers. Weights stay packed in the checkpoint layout
+One kernel, two shapes: CUDA-core dot products over rows (``use_dot=False``), or tensor core
+products on weight tiles decoded in registers, K split across programs for few rows (decode);
+``pick_linear_config`` picks. Weights stay packed in the checkpoint layout
 (``packed_weights``, without the expert dim).
 """
 
@@ -43,6 +43,8 @@ class LinearConfig:
     num_stages: int = 3
     split_k: int = 1
     use_dot: bool = True
+    # How a GPTQ tile is read: by word planes, or whole ("join", "repeat"; see weight_tiles).
+    unpack: str = "planes"
 
 
 # M (the batch's token count) is not specialised: a new prefill length reuses the compiled kernel.
@@ -115,31 +117,32 @@ def _is_interpreted() -> bool:
 
 
 TARGET_PROGRAMS = 264
+# Decode batches: K split until about this many programs run (each one K tile of one output tile).
+DECODE_PROGRAMS = 4096
 INTERPRETER = LinearConfig(16, 16, 32)
 
 
 @functools.lru_cache(maxsize=4096)
 def pick_linear_config(fmt: str, m: int, n: int, k: int, device: torch.device) -> LinearConfig:
-    """Few rows: CUDA-core products, split K until the grid fills the GPU; more rows: tensor cores."""
+    """Up to 16 rows: tensor-core tiles of 16 rows, K split down to one tile a program (on the H200
+    this beat CUDA-core rows at 1 and 4 rows, benchmarks/RESULTS.md); more rows: fewer splits, then none."""
     if device.type != "cuda":
         return INTERPRETER
-    if m <= 4:
-        block_n = 32
-        tiles = triton.cdiv(n, block_n)
-        split = max(1, min(triton.cdiv(k, 256), triton.cdiv(TARGET_PROGRAMS, tiles)))
-        return LinearConfig(m if m in (1, 2, 4) else 4, block_n, 128, 4, 3, split, use_dot=False)
+    if m <= 16:
+        split = max(1, min(triton.cdiv(k, 64), DECODE_PROGRAMS // triton.cdiv(n, 64)))
+        return LinearConfig(16, 64, 64, 4, 3, split)
     if m <= 64:
         tiles = triton.cdiv(n, 64)
         split = max(1, min(triton.cdiv(k, 256), triton.cdiv(TARGET_PROGRAMS, tiles)))
-        return LinearConfig(16 if m <= 16 else 32 if m <= 32 else 64, 64, 128, 4, 3, split)
+        return LinearConfig(32 if m <= 32 else 64, 64, 128, 4, 3, split)
     return LinearConfig(64 if m <= 256 else 128, 128, 64, 8 if m > 256 else 4, 3)
 
 
-def _weight_args(w: GPTQExperts | FP8Experts, block_k: int) -> tuple[tuple, tuple, tuple, dict]:
+def _weight_args(w: GPTQExperts | FP8Experts, block_k: int, unpack: str) -> tuple[tuple, tuple, tuple, dict]:
     if isinstance(w, GPTQExperts):
         k = w.in_features
         gs = k if w.group_size == -1 or w.group_size >= k else w.group_size
-        planes = w.bits != 3
+        planes = w.bits != 3 and unpack == "planes"
         if planes:
             mode = gptq_plane_mode(w.group_size, k, block_k, w.bits, w.g_idx is not None)
         else:
@@ -148,7 +151,7 @@ def _weight_args(w: GPTQExperts | FP8Experts, block_k: int) -> tuple[tuple, tupl
         ptrs = (w.qweight, w.qzeros, w.scales, g if g is not None else w.qweight)
         strides = (*w.qweight.stride(), *w.qzeros.stride(), *w.scales.stride(), g.stride(0) if g is not None else 0)
         meta = dict(FMT=0, BITS=w.bits, GROUP_MODE=mode, GS=gs if mode == 2 else 1, HAS_G_IDX=g is not None,
-                    UNIFORM=True, BLOCKWISE=False, PLANES=planes, UNPACK=gptq_unpack_mode(w.bits, "join"))  # fmt: skip
+                    UNIFORM=True, BLOCKWISE=False, PLANES=planes, UNPACK=gptq_unpack_mode(w.bits, unpack))  # fmt: skip
         return ptrs, (gs, w.zero_offset, 1, 1), strides, meta
     bo, bi = w.block_size if w.block_size is not None else (1, 1)
     s = w.scale.reshape(-1) if w.block_size is None else w.scale
@@ -179,9 +182,10 @@ def _packed_linear(x, w, bias, fmt: str, config: LinearConfig | None) -> torch.T
         return out.reshape(*lead, n)
     cfg = config or pick_linear_config(fmt, m, n, k, x.device)
     block_k = cfg.block_k
-    if cfg.use_dot and isinstance(w, GPTQExperts) and w.bits != 3 and not _is_interpreted():
+    planes = isinstance(w, GPTQExperts) and w.bits != 3 and cfg.unpack == "planes"
+    if cfg.use_dot and planes and not _is_interpreted():
         block_k = max(block_k, 16 * 32 // w.bits)  # word-plane tiles feed tensor cores bits/32 as deep
-    ptrs, scalars, strides, meta = _weight_args(w, block_k)
+    ptrs, scalars, strides, meta = _weight_args(w, block_k, cfg.unpack)
     k_tiles = triton.cdiv(k, block_k)
     per_split = triton.cdiv(k_tiles, max(1, min(cfg.split_k, k_tiles)))
     split = triton.cdiv(k_tiles, per_split)
