@@ -136,13 +136,18 @@ def test_hand_computed_ring_requests_and_pairs(fold, device: torch.device) -> No
     assert torch.equal(out.coactivation.cpu(), pairs)
 
 
+def _random_pass(layers: int, rows: int, top_k: int, experts: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Staged ids (distinct per row, -1 = padding slot) and request slots (-1 = none, else 0-4) of a random pass."""
+    gen = torch.Generator().manual_seed(seed)
+    staging = torch.stack([torch.stack([torch.randperm(experts + 1, generator=gen)[:top_k] - 1
+                                        for _ in range(rows)]) for _ in range(layers)]).to(torch.int32)
+    return staging, torch.randint(-1, 5, (rows,), generator=gen)
+
+
 @pytest.mark.parametrize(("layers", "rows", "top_k", "experts", "num_tokens"),
                          [(2, 9, 2, 6, 9), (3, 40, 4, 33, 37), (1, 300, 8, 64, 290), (2, 700, 4, 20, 650)])
 def test_kernel_outputs_match_reference(device, layers, rows, top_k, experts, num_tokens) -> None:
-    gen = torch.Generator().manual_seed(rows)
-    staging = torch.stack([torch.stack([torch.randperm(experts + 1, generator=gen)[:top_k] - 1
-                                        for _ in range(rows)]) for _ in range(layers)]).to(torch.int32)
-    token_rows = torch.randint(-1, 5, (rows,), generator=gen)
+    staging, token_rows = _random_pass(layers, rows, top_k, experts, seed=rows)
     results = []
     for fold in (fold_pass, fold_pass_ref):
         counts, last = _totals(layers, experts, device)
@@ -190,10 +195,7 @@ def test_params_fold_matches_reference(device, layers, rows, top_k, experts, num
     """The fold a CUDA graph holds, its pass values read from a device tensor, counts as the reference."""
     from sglang.srt.enhanced.moe_tracker.fold_kernel import encode_pass_params, fold_pass_from_params
 
-    gen = torch.Generator().manual_seed(rows + 1)
-    staging = torch.stack([torch.stack([torch.randperm(experts + 1, generator=gen)[:top_k] - 1
-                                        for _ in range(rows)]) for _ in range(layers)]).to(torch.int32)
-    token_rows = torch.randint(-1, 5, (rows,), generator=gen)
+    staging, token_rows = _random_pass(layers, rows, top_k, experts, seed=rows + 1)
     results = []
     for use_params in (True, False):
         counts, last = _totals(layers, experts, device)
