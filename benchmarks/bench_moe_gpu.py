@@ -1,5 +1,6 @@
 """Whole MoE layer on the GPU (CUDA-graph GPU time): SGLang 0.4.7's Triton kernels (bf16, int4) vs ours
-(int4 g128 plain and act-order, int8, FP8 block) and the int4 floor; plus the dense packed linear vs
+(int4 g128 plain and act-order: as stored, gathering scales per value, and with its rows sorted by
+group as the server loads it; int8, FP8 block) and the int4 floor; plus the dense packed linear vs
 torch bf16 ``F.linear``. Every timed kernel is first checked against float64.
 
     PYTHONPATH=python python benchmarks/bench_moe_gpu.py --sglang-src DIR [--shapes a,b] [--tokens 1,16]
@@ -25,11 +26,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import moe_bench_lib as lib  # noqa: E402
 
+from sglang.srt.enhanced.mixed_precision.kernels.act_order import sort_act_order  # noqa: E402
 from sglang.srt.enhanced.mixed_precision.kernels.fused_moe import fused_moe_fp8, fused_moe_gptq  # noqa: E402
 from sglang.srt.enhanced.mixed_precision.kernels.moe_configs import pick_moe_config  # noqa: E402
 from sglang.srt.enhanced.mixed_precision.kernels.packed_linear import gptq_linear, gptq_linear_ref  # noqa: E402
 
-VARIANTS = ("int4", "bf16", "sglang_int4", "fp8_block", "int8", "int4_actorder")
+VARIANTS = ("int4", "bf16", "sglang_int4", "fp8_block", "int8", "int4_actorder", "int4_actorder_sorted")
 ZIPF_VARIANTS = ("int4", "bf16", "sglang_int4")  # skewed routing: ours vs the two baselines
 ZIPF = 1.2
 LINEAR_SHAPES = {  # name: (in, out)
@@ -46,9 +48,10 @@ ROTATE_SMALL, ROTATE_LARGE = 8, 2
 def build(variant, e, h, inter, gen):
     if variant in ("int4", "sglang_int4", "bf16"):
         return lib.gptq_experts(e, h, 2 * inter, 4, 128, gen=gen), lib.gptq_experts(e, inter, h, 4, 128, gen=gen)
-    if variant == "int4_actorder":
-        return (lib.gptq_experts(e, h, 2 * inter, 4, 128, act_order=True, gen=gen),
-                lib.gptq_experts(e, inter, h, 4, 128, act_order=True, gen=gen))  # fmt: skip
+    if variant in ("int4_actorder", "int4_actorder_sorted"):
+        ws = (lib.gptq_experts(e, h, 2 * inter, 4, 128, act_order=True, gen=gen),
+              lib.gptq_experts(e, inter, h, 4, 128, act_order=True, gen=gen))
+        return tuple(sort_act_order(w) for w in ws) if variant.endswith("sorted") else ws
     if variant == "int8":
         return lib.gptq_experts(e, h, 2 * inter, 8, 128, gen=gen), lib.gptq_experts(e, inter, h, 8, 128, gen=gen)
     return lib.fp8_experts(e, h, 2 * inter, gen=gen), lib.fp8_experts(e, inter, h, gen=gen)

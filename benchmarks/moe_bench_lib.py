@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from sglang.srt.enhanced.mixed_precision.kernels.act_order import unsort_rows
 from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import FP8Experts, GPTQExperts
 from sglang.srt.enhanced.mixed_precision.kernels.reference import fp8_block_dequant_ref, gptq_dequant_ref
 from sglang.srt.enhanced.mixed_precision.packing import pack_int32, unpack_int32
@@ -159,9 +160,10 @@ def expert_f64(w, e: int) -> torch.Tensor:
         return w[e].double()
     if isinstance(w, FP8Experts):
         return fp8_block_dequant_ref(w.weight[e], w.scale[e], w.block_size, torch.float64)
-    g = w.g_idx[e] if w.g_idx is not None else None
-    return gptq_dequant_ref(w.qweight[e], w.qzeros[e], w.scales[e], g, bits=w.bits, group_size=w.group_size,
-                            zero_offset=w.zero_offset, out_dtype=torch.float64)  # fmt: skip
+    one = w.expert(e)
+    decoded = gptq_dequant_ref(one.qweight, one.qzeros, one.scales, one.g_idx, bits=w.bits, group_size=w.group_size,
+                               zero_offset=w.zero_offset, out_dtype=torch.float64)  # fmt: skip
+    return unsort_rows(decoded, one)  # rows sorted at load (act-order) back in checkpoint order
 
 
 def moe_ref_rows(x, w13, w2, tw, ti, rows) -> torch.Tensor:

@@ -151,8 +151,9 @@ def _short_error(exc: BaseException) -> str:
 # ---------------------------------------------------------------- weights (values do not matter)
 
 def gptq(e: int | None, k: int, n: int, bits: int, group_size: int, *, act_order: bool = False,
-         per_part: bool = False, zero_offset: int = 1) -> object:  # fmt: skip
-    """GPTQ weights in the checkpoint layout (``packed_weights``); ``e`` None: one linear weight."""
+         per_part: bool = False, zero_offset: int = 1, sorted_rows: bool = False) -> object:  # fmt: skip
+    """GPTQ weights in the checkpoint layout (``packed_weights``); ``e`` None: one linear weight;
+    ``sorted_rows``: an act-order weight as ``act_order.sort_act_order`` leaves it (``perm``, no ``g_idx``)."""
     from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import GPTQExperts
 
     lead = () if e is None else (e,)
@@ -164,7 +165,8 @@ def gptq(e: int | None, k: int, n: int, bits: int, group_size: int, *, act_order
         qweight=torch.empty(*lead, k * bits // 32, n, dtype=torch.int32),
         qzeros=torch.empty(*lead, groups, n * bits // 32, dtype=torch.int32),
         scales=torch.empty(*lead, groups, n, dtype=torch.float16),
-        g_idx=g_idx, bits=bits, group_size=group_size, zero_offset=zero_offset,
+        g_idx=None if sorted_rows else g_idx, bits=bits, group_size=group_size, zero_offset=zero_offset,
+        perm=g_idx if sorted_rows else None,
     )  # fmt: skip
 
 
@@ -194,7 +196,7 @@ def _moe_config(fmt: str, shape: str, tokens: int):
 
 def moe_case(fmt: str, shape: str, tokens: int, *, local: int | None = None, act_order: bool = False,
              zero_offset: int = 1, group_size: int = 128, activation: str = "silu",
-             config: object = None) -> Callable[[], None]:  # fmt: skip
+             config: object = None, sorted_rows: bool = False) -> Callable[[], None]:  # fmt: skip
     """``fused_moe_sets`` for one layer shape ``E..:H..:I..:k..``; ``local`` experts of the ``E`` held
     behind an expert map (HAS_MAP), else 16 stacked experts without one; ``config`` (a ``MoEConfig``)
     for a kernel shape the tuned file does not pick."""
@@ -206,8 +208,9 @@ def moe_case(fmt: str, shape: str, tokens: int, *, local: int | None = None, act
         if fmt.startswith("int"):
             bits = int(fmt[3:])
             w13 = gptq(held, h, 2 * inter, bits, group_size, act_order=act_order, per_part=act_order,
-                       zero_offset=zero_offset)  # fmt: skip
-            w2 = gptq(held, inter, h, bits, group_size, act_order=act_order, zero_offset=zero_offset)
+                       zero_offset=zero_offset, sorted_rows=sorted_rows)  # fmt: skip
+            w2 = gptq(held, inter, h, bits, group_size, act_order=act_order, zero_offset=zero_offset,
+                      sorted_rows=sorted_rows)  # fmt: skip
         else:
             block = (128, 128) if fmt == "fp8_block" else None
             w13, w2 = fp8(held, h, 2 * inter, block), fp8(held, inter, h, block)
@@ -310,6 +313,11 @@ def variants() -> list[tuple[str, Callable[[], None]]]:
         ("moe int4 gemm t64 map v2", moe_case("int4", qwen3, 64, local=2, zero_offset=0)),
         ("moe int4 act-order gemm t256 map", moe_case("int4", dsv3, 256, local=2, act_order=True)),
         ("moe int4 act-order gemv t1 gelu", moe_case("int4", qwen3, 1, act_order=True, activation="gelu")),
+        ("moe int4 sorted act-order gemv t1", moe_case("int4", qwen3, 1, act_order=True, sorted_rows=True)),
+        ("moe int4 sorted act-order gemm t256 map", moe_case("int4", dsv3, 256, local=2, act_order=True,
+                                                             sorted_rows=True)),
+        ("moe int4 sorted act-order grouped t16", moe_case("int4", qwen3, 16, act_order=True, sorted_rows=True,
+                                                           config=grouped)),
         ("moe int8 gemv t4 map", moe_case("int8", dsv3, 4, local=2)),
         ("moe int8 gemm t16", moe_case("int8", qwen3, 16, group_size=-1)),
         ("moe int2 gemm t1024 map", moe_case("int2", qwen3, 1024, local=2, group_size=64)),
@@ -331,6 +339,8 @@ def variants() -> list[tuple[str, Callable[[], None]]]:
         ("linear int3 m1", linear_case(gptq(None, 2048, 4096, 3, 128), 1)),
         ("linear int3 m128 fp16", linear_case(gptq(None, 2048, 4096, 3, 128), 128, dtype=torch.float16)),
         ("linear int8 act-order m16", linear_case(gptq(None, 2048, 4096, 8, 128, act_order=True), 16)),
+        ("linear int4 sorted act-order m1", linear_case(gptq(None, 2048, 4096, 4, 128, act_order=True,
+                                                             sorted_rows=True), 1)),
         ("linear int2 m128", linear_case(gptq(None, 2048, 4096, 2, 64), 128)),
         ("linear fp8_block m1", linear_case(fp8(None, 2048, 4096, (128, 128)), 1)),
         ("linear fp8_block m512", linear_case(fp8(None, 2048, 4096, (128, 128)), 512)),

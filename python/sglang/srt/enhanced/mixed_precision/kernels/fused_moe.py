@@ -30,12 +30,14 @@ import triton
 import triton.language as tl
 
 from sglang.srt.enhanced.errors import EnhancedError
+from sglang.srt.enhanced.mixed_precision.kernels.act_order import unsort_rows
 from sglang.srt.enhanced.mixed_precision.kernels.moe_align import moe_align_block_size
 from sglang.srt.enhanced.mixed_precision.kernels.moe_configs import GemmConfig, MoEConfig, pick_moe_config
 from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import FP8Experts, GPTQExperts
 from sglang.srt.enhanced.mixed_precision.kernels.reference import fp8_block_dequant_ref, gptq_dequant_ref
 from sglang.srt.enhanced.mixed_precision.kernels.weight_tiles import (
     UNPACK_GATHER,
+    _act_cols,
     _gptq_gemm_tile,
     _gptq_gemv_tile,
     _weight_tile,
@@ -121,7 +123,7 @@ def _fused_moe_gemv_kernel(
     GROUP_MODE: tl.constexpr, GS: tl.constexpr, HAS_G_IDX: tl.constexpr, UNIFORM: tl.constexpr,
     BLOCKWISE: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
     PLANES: tl.constexpr, SPLIT_GATED: tl.constexpr, HAS_MAP: tl.constexpr, UNPACK: tl.constexpr,
-    GROUPED: tl.constexpr, BLOCK_M: tl.constexpr,
+    GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, HAS_PERM: tl.constexpr,
 ):  # fmt: skip
     """One (token, slot) pair ``p`` x ``BLOCK_N`` outputs x one K split ``s``; GROUPED: one
     ``BLOCK_M``-row block of an expert's pairs (``moe_align``) x outputs x one K tile, the tile
@@ -132,6 +134,8 @@ def _fused_moe_gemv_kernel(
     (float32) instead, for :func:`_split_act_kernel`;
     else ``out[p // top_k, n] += topk_w[p] * (a[p] . W[e, n])`` (float32, atomic).
     HAS_MAP: ``e = map[topk_ids[p]]`` (this set's index of a global expert, -1: not in the set).
+    HAS_PERM: rows sorted at load (``act_order``); ``g_ptr`` holds ``perm``, the activation column of
+    each packed row (the whole-tile reads only).
     """
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -162,14 +166,19 @@ def _fused_moe_gemv_kernel(
                                       BO, BI, sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
                                       FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE,
                                       UNPACK)  # fmt: skip
+        cols = _act_cols(g_e, offs_k, sg_k, K, HAS_PERM)
+        cols_up = _act_cols(g_e + sg_half, offs_k, sg_k, K, HAS_PERM)
         for m in tl.static_range(BLOCK_M):
             pair = tl.load(sorted_ids_ptr + p * BLOCK_M + m)
             ok = pair < num_pairs
             row = pair // top_k if GATED else pair
-            x = tl.load(a_ptr + row.to(tl.int64) * sa_m + offs_k, mask=(offs_k < K) & ok, other=0.0).to(tl.float32)
+            a_row = a_ptr + row.to(tl.int64) * sa_m
+            x = tl.load(a_row + cols, mask=(offs_k < K) & ok, other=0.0).to(tl.float32)
             acc = s * tl.sum(v * x[None, :], axis=1)
             acc_up = acc
             if GATED:
+                if HAS_PERM:
+                    x = tl.load(a_row + cols_up, mask=(offs_k < K) & ok, other=0.0).to(tl.float32)
                 acc_up = s_up * tl.sum(v_up * x[None, :], axis=1)
             _gemv_store(acc, acc_up, pair, ok, pid_k, offs_n, mask_n, out_ptr, topk_w_ptr, N, num_pairs, top_k,
                         so_m, GATED, SPLIT_GATED, ACT)  # fmt: skip
@@ -198,13 +207,16 @@ def _fused_moe_gemv_kernel(
         for kt in range(0, TILES_PER_SPLIT):
             k0 = (pid_k * TILES_PER_SPLIT + kt) * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(a_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            x = tl.load(a_row + _act_cols(g_e, offs_k, sg_k, K, HAS_PERM), mask=offs_k < K, other=0.0).to(tl.float32)
             v, s = _weight_tile(w_e, z_e, s_e, g_e, offs_n, mask_n, k0, K, gs, zero_offset, BO, BI,
                                 sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
                                 FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE,
                                 UNPACK)  # fmt: skip
             acc += s * tl.sum(v * x[None, :], axis=1)
             if GATED:
+                if HAS_PERM:
+                    cols_up = _act_cols(g_e + sg_half, offs_k, sg_k, K, HAS_PERM)
+                    x = tl.load(a_row + cols_up, mask=offs_k < K, other=0.0).to(tl.float32)
                 v, s = _weight_tile(w_e, z_e, s_e, g_e + sg_half, offs_n + N, mask_n, k0, K, gs, zero_offset, BO, BI,
                                     sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
                                     FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE,
@@ -247,7 +259,7 @@ def _fused_moe_gemm_kernel(
     BLOCK_K: tl.constexpr, GROUP_MODE: tl.constexpr, GS: tl.constexpr, HAS_G_IDX: tl.constexpr,
     UNIFORM: tl.constexpr, BLOCKWISE: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
     TILES_PER_SPLIT: tl.constexpr, F32_DOT: tl.constexpr, PLANES: tl.constexpr, HAS_MAP: tl.constexpr,
-    UNPACK: tl.constexpr, SPLIT_GATED: tl.constexpr,
+    UNPACK: tl.constexpr, SPLIT_GATED: tl.constexpr, HAS_PERM: tl.constexpr,
 ):  # fmt: skip
     """One ``BLOCK_M``-row block of one expert's pairs x ``BLOCK_N`` outputs x one K split (see the
     gemv kernel: a split gate/up projection writes float32 partial sums, a split down one adds)."""
@@ -288,8 +300,9 @@ def _fused_moe_gemm_kernel(
         for kt in range(0, TILES_PER_SPLIT):
             k0 = (pid_k * TILES_PER_SPLIT + kt) * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_ptr + row[:, None] * sa_m + offs_k[None, :],
-                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)  # fmt: skip
+            mask_a = mask_m[:, None] & (offs_k < K)[None, :]
+            a_rows = a_ptr + row[:, None] * sa_m
+            a = tl.load(a_rows + _act_cols(g_e, offs_k, sg_k, K, HAS_PERM)[None, :], mask=mask_a, other=0.0)
             if F32_DOT:  # the Triton 3.3 interpreter multiplies bfloat16 tiles wrongly
                 a = a.to(tl.float32)
             v, s = _weight_tile(w_e, z_e, s_e, g_e, offs_n, mask_n, k0, K, gs, zero_offset, BO, BI,
@@ -298,6 +311,11 @@ def _fused_moe_gemm_kernel(
                                 UNPACK)  # fmt: skip
             acc += tl.dot(a, tl.trans(v.to(a.dtype))) * s[None, :]
             if GATED:
+                if HAS_PERM:
+                    a = tl.load(a_rows + _act_cols(g_e + sg_half, offs_k, sg_k, K, HAS_PERM)[None, :], mask=mask_a,
+                                other=0.0)  # fmt: skip
+                    if F32_DOT:
+                        a = a.to(tl.float32)
                 v, s = _weight_tile(w_e, z_e, s_e, g_e + sg_half, offs_n + N, mask_n, k0, K, gs, zero_offset, BO, BI,
                                     sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
                                     FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE,
@@ -328,12 +346,14 @@ class _WeightArgs:
         if isinstance(w, GPTQExperts):
             k = w.in_features
             gs = k if w.group_size == -1 or w.group_size >= k else w.group_size
+            if w.perm is not None and unpack == "planes":  # sorted rows: whole-tile reads gather the activations
+                unpack = "join"
             self.planes = w.bits != 3 and unpack == "planes"
             if self.planes:
                 mode = gptq_plane_mode(w.group_size, k, block_k, w.bits, w.g_idx is not None)
             else:
                 mode = gptq_group_mode(w.group_size, k, block_k, w.g_idx is not None)
-            g = w.g_idx
+            g = w.g_idx if w.perm is None else w.perm
             if g is not None and g.dtype != torch.int32:
                 g = g.to(torch.int32)
             half = g is not None and g.dim() == 3
@@ -342,8 +362,8 @@ class _WeightArgs:
             g_strides = (g.stride(0), g.stride(1) if half else 0, g.stride(-1)) if g is not None else (0, 0, 0)
             self.strides = (*w.qweight.stride(), *w.qzeros.stride(), *w.scales.stride(), *g_strides)
             self.meta = dict(FMT=0, BITS=w.bits, GROUP_MODE=mode, GS=gs if mode == 2 else 1,
-                             HAS_G_IDX=g is not None, UNIFORM=True, BLOCKWISE=False, PLANES=self.planes,
-                             UNPACK=gptq_unpack_mode(w.bits, unpack))  # fmt: skip
+                             HAS_G_IDX=w.g_idx is not None, UNIFORM=True, BLOCKWISE=False, PLANES=self.planes,
+                             UNPACK=gptq_unpack_mode(w.bits, unpack), HAS_PERM=w.perm is not None)  # fmt: skip
         else:
             self.planes = False
             bo, bi = w.block_size if w.block_size is not None else (1, 1)
@@ -355,7 +375,7 @@ class _WeightArgs:
             self.strides = (wst[0], wst[2], wst[1], 0, 0, 0, *ss, 0, 0, 0)
             self.meta = dict(FMT=1, BITS=8, GROUP_MODE=1, GS=1, HAS_G_IDX=False,
                              UNIFORM=fp8_scale_uniform(w.block_size, block_k), BLOCKWISE=w.block_size is not None,
-                             PLANES=False, UNPACK=UNPACK_GATHER)  # fmt: skip
+                             PLANES=False, UNPACK=UNPACK_GATHER, HAS_PERM=False)  # fmt: skip
 
 
 ACT_BLOCK = 256
@@ -404,7 +424,7 @@ def _launch_gemv(a, out, zero, topk_ids, topk_w, w, expert_map, n, k, num_expert
 
 def _dot_block_k(w: GPTQExperts | FP8Experts, block_k: int, unpack: str) -> int:
     """Word-plane tiles feed tensor cores ``block_k * bits / 32`` rows deep: at least 16 on a GPU."""
-    if isinstance(w, GPTQExperts) and w.bits != 3 and unpack == "planes" and not _is_interpreted():
+    if isinstance(w, GPTQExperts) and w.bits != 3 and unpack == "planes" and w.perm is None and not _is_interpreted():
         return max(block_k, 16 * 32 // w.bits)
     return block_k
 
@@ -615,6 +635,8 @@ def _expert_weights_f64(w: GPTQExperts | FP8Experts) -> torch.Tensor:
             return w.weight.double() * w.scale.double()[..., None]
         return fp8_block_dequant_ref(w.weight, w.scale, w.block_size, torch.float64)
     kw = dict(bits=w.bits, group_size=w.group_size, zero_offset=w.zero_offset, out_dtype=torch.float64)
+    if w.perm is not None:  # rows sorted at load: decode in stored order, then put them back
+        return unsort_rows(gptq_dequant_ref(w.qweight, w.qzeros, w.scales, None, **kw), w)
     if w.g_idx is not None and w.g_idx.dim() == 3:  # gate and up with their own g_idx
         n = w.out_features // 2
         gate = gptq_dequant_ref(w.qweight, w.qzeros, w.scales, w.g_idx[:, 0], **kw)[:, :n]

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from sglang.srt.enhanced.errors import EnhancedError
+from sglang.srt.enhanced.mixed_precision.kernels.act_order import unsort_rows
 from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import FP8Experts, GPTQExperts
 from sglang.srt.enhanced.mixed_precision.kernels.reference import (
     fp8_block_dequant_ref,
@@ -24,6 +25,7 @@ from sglang.srt.enhanced.mixed_precision.kernels.reference import (
 )
 from sglang.srt.enhanced.mixed_precision.kernels.weight_tiles import (
     UNPACK_GATHER,
+    _act_cols,
     _gptq_gemm_tile,
     _gptq_gemv_tile,
     _weight_tile,
@@ -58,9 +60,10 @@ def _packed_linear_kernel(
     BLOCK_K: tl.constexpr, GROUP_MODE: tl.constexpr, GS: tl.constexpr, HAS_G_IDX: tl.constexpr,
     UNIFORM: tl.constexpr, BLOCKWISE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
     TILES_PER_SPLIT: tl.constexpr, ATOMIC: tl.constexpr, F32_DOT: tl.constexpr, PLANES: tl.constexpr,
-    UNPACK: tl.constexpr,
+    UNPACK: tl.constexpr, HAS_PERM: tl.constexpr,
 ):  # fmt: skip
-    """``BLOCK_M`` rows x ``BLOCK_N`` outputs x one K split; ATOMIC adds float32 partial sums."""
+    """``BLOCK_M`` rows x ``BLOCK_N`` outputs x one K split; ATOMIC adds float32 partial sums.
+    HAS_PERM: rows sorted at load, ``g_ptr`` holds the activation column of each packed row."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -89,7 +92,8 @@ def _packed_linear_kernel(
         for kt in range(0, TILES_PER_SPLIT):
             k0 = (pid_k * TILES_PER_SPLIT + kt) * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+            cols = _act_cols(g_ptr, offs_k, sg_k, K, HAS_PERM)
+            a = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
             v, s = _weight_tile(w_ptr, z_ptr, s_ptr, g_ptr, offs_n, mask_n, k0, K, gs, zero_offset, BO, BI,
                                 sw_k, sw_n, sz_g, sz_c, ss_k, ss_n, sg_k,
                                 FMT, BITS, BLOCK_N, BLOCK_K, GROUP_MODE, GS, HAS_G_IDX, UNIFORM, BLOCKWISE,
@@ -142,16 +146,20 @@ def _weight_args(w: GPTQExperts | FP8Experts, block_k: int, unpack: str) -> tupl
     if isinstance(w, GPTQExperts):
         k = w.in_features
         gs = k if w.group_size == -1 or w.group_size >= k else w.group_size
-        planes = w.bits != 3 and unpack == "planes"
+        planes = w.bits != 3 and unpack == "planes" and w.perm is None
         if planes:
             mode = gptq_plane_mode(w.group_size, k, block_k, w.bits, w.g_idx is not None)
         else:
             mode = gptq_group_mode(w.group_size, k, block_k, w.g_idx is not None)
-        g = w.g_idx.to(torch.int32) if w.g_idx is not None else None
+        if w.perm is not None and unpack == "planes":  # sorted rows: whole-tile reads gather the activations
+            unpack = "join"
+        rows = w.g_idx if w.perm is None else w.perm
+        g = rows.to(torch.int32) if rows is not None else None
         ptrs = (w.qweight, w.qzeros, w.scales, g if g is not None else w.qweight)
         strides = (*w.qweight.stride(), *w.qzeros.stride(), *w.scales.stride(), g.stride(0) if g is not None else 0)
-        meta = dict(FMT=0, BITS=w.bits, GROUP_MODE=mode, GS=gs if mode == 2 else 1, HAS_G_IDX=g is not None,
-                    UNIFORM=True, BLOCKWISE=False, PLANES=planes, UNPACK=gptq_unpack_mode(w.bits, unpack))  # fmt: skip
+        meta = dict(FMT=0, BITS=w.bits, GROUP_MODE=mode, GS=gs if mode == 2 else 1, HAS_G_IDX=w.g_idx is not None,
+                    UNIFORM=True, BLOCKWISE=False, PLANES=planes, UNPACK=gptq_unpack_mode(w.bits, unpack),
+                    HAS_PERM=w.perm is not None)  # fmt: skip
         return ptrs, (gs, w.zero_offset, 1, 1), strides, meta
     bo, bi = w.block_size if w.block_size is not None else (1, 1)
     s = w.scale.reshape(-1) if w.block_size is None else w.scale
@@ -159,7 +167,7 @@ def _weight_args(w: GPTQExperts | FP8Experts, block_k: int, unpack: str) -> tupl
     strides = (w.weight.stride(1), w.weight.stride(0), 0, 0, *ss, 0)
     meta = dict(FMT=1, BITS=8, GROUP_MODE=1, GS=1, HAS_G_IDX=False,
                 UNIFORM=fp8_scale_uniform(w.block_size, block_k), BLOCKWISE=w.block_size is not None, PLANES=False,
-                UNPACK=UNPACK_GATHER)  # fmt: skip
+                UNPACK=UNPACK_GATHER, HAS_PERM=False)  # fmt: skip
     return (w.weight, w.weight, s, w.weight), (1, 0, bo, bi), strides, meta
 
 
@@ -182,7 +190,7 @@ def _packed_linear(x, w, bias, fmt: str, config: LinearConfig | None) -> torch.T
         return out.reshape(*lead, n)
     cfg = config or pick_linear_config(fmt, m, n, k, x.device)
     block_k = cfg.block_k
-    planes = isinstance(w, GPTQExperts) and w.bits != 3 and cfg.unpack == "planes"
+    planes = isinstance(w, GPTQExperts) and w.bits != 3 and cfg.unpack == "planes" and w.perm is None
     if cfg.use_dot and planes and not _is_interpreted():
         block_k = max(block_k, 16 * 32 // w.bits)  # word-plane tiles feed tensor cores bits/32 as deep
     ptrs, scalars, strides, meta = _weight_args(w, block_k, cfg.unpack)
@@ -228,7 +236,7 @@ def gptq_linear_ref(x: torch.Tensor, w: GPTQExperts, bias: torch.Tensor | None =
     """Float64 reference of :func:`gptq_linear`."""
     w64 = gptq_dequant_ref(w.qweight, w.qzeros, w.scales, w.g_idx, bits=w.bits, group_size=w.group_size,
                            zero_offset=w.zero_offset, out_dtype=torch.float64)  # fmt: skip
-    return _linear_ref(x, w64, bias)
+    return _linear_ref(x, unsort_rows(w64, w), bias)
 
 
 def fp8_linear_ref(x: torch.Tensor, w: FP8Experts, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,6 +13,9 @@ absent for one dense linear weight):
   ``bounds[p]:bounds[p + 1]`` (the MoE kernels take ``P = 2``: a gate/up weight, row 0 = gate
   columns, row 1 = up columns)
 - ``zero_offset`` 1 for ``gptq`` (v1, stored zero + 1), 0 for ``gptq_v2``
+- ``perm`` int32, shaped like ``g_idx`` (None: rows in checkpoint order): set when the rows of an
+  act-order weight were sorted by group at load (``act_order.sort_act_order``); packed row ``r``
+  then holds input feature ``perm[r]``, ``g_idx`` is None and the groups are regular
 
 FP8 e4m3: ``weight`` ``[E, N, K]``; ``scale`` float32, block scales ``[E, ceil(N/bo), ceil(K/bi)]``
 with ``block_size=(bo, bi)``, or per-channel ``[E, N]`` with ``block_size=None``.
@@ -37,16 +40,19 @@ class GPTQExperts:
     group_size: int
     zero_offset: int
     bounds: tuple[int, ...] = ()  # fused parts' output boundaries (0, ..., N), for a g_idx per part
+    perm: torch.Tensor | None = None  # input feature of each packed row (rows sorted at load), or None
 
     @property
     def g_idx_per_part(self) -> bool:
-        """True when ``g_idx`` has one row per fused part (``[..., P, K]``)."""
-        return self.g_idx is not None and self.g_idx.dim() == self.qweight.dim()
+        """True when ``g_idx`` (or ``perm``) has one row per fused part (``[..., P, K]``)."""
+        rows = self.g_idx if self.g_idx is not None else self.perm
+        return rows is not None and rows.dim() == self.qweight.dim()
 
     def expert(self, e: int) -> GPTQExperts:
         g = self.g_idx[e] if self.g_idx is not None else None
+        perm = self.perm[e] if self.perm is not None else None
         return GPTQExperts(self.qweight[e], self.qzeros[e], self.scales[e], g, self.bits, self.group_size,
-                           self.zero_offset, self.bounds)
+                           self.zero_offset, self.bounds, perm)
 
     @property
     def in_features(self) -> int:

@@ -51,6 +51,15 @@ def fp8_scale_uniform(block_size: tuple[int, int] | None, block_k: int) -> bool:
 
 
 @triton.jit
+def _act_cols(perm_ptr, offs_k, sp_k, K, HAS_PERM: tl.constexpr):
+    """Activation columns of packed rows ``offs_k``: ``perm[offs_k]`` for rows sorted at load, else ``offs_k``."""
+    if HAS_PERM:
+        return tl.load(perm_ptr + offs_k * sp_k, mask=offs_k < K, other=0)
+    else:
+        return offs_k
+
+
+@triton.jit
 def _gptq_tile(
     qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, k0, K, gs, zero_offset,
     sq_r, sq_n, sz_g, sz_c, ss_g, ss_n, sg_k,

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from sglang.srt.enhanced.errors import EnhancedError
 from sglang.srt.enhanced.mixed_precision.dequant import dequant_fp8_block, dequant_fp8_scaled, dequant_gptq
+from sglang.srt.enhanced.mixed_precision.kernels.act_order import sort_act_order, unsort_rows
 from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import FP8Experts, GPTQExperts
 from sglang.srt.enhanced.mixed_precision.packing import block_shape
 
@@ -74,10 +75,13 @@ def gptq_loaded(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     """Packed GPTQ weights from loaded tensors, ``g_idx`` as loaded ``[..., P, K]`` (one row per fused part).
 
     Where every part has the same order (decided here, once) ``g_idx`` becomes one ``[..., K]`` row.
+    On CUDA an act-order weight's rows are then sorted by group in place (``act_order``): the fused
+    kernels read it as a plain one, with its activations gathered.
     """
     if g_idx is not None and bool((g_idx == g_idx[..., :1, :]).all()):
         g_idx = g_idx[..., 0, :]
-    return GPTQExperts(qweight, qzeros, scales, g_idx, bits, group_size, zero_offset, bounds)
+    w = GPTQExperts(qweight, qzeros, scales, g_idx, bits, group_size, zero_offset, bounds)
+    return sort_act_order(w, in_place=True) if qweight.is_cuda else w
 
 
 def decode(w: GPTQExperts | FP8Experts | PlainWeights, dtype: torch.dtype) -> torch.Tensor:
@@ -89,6 +93,8 @@ def decode(w: GPTQExperts | FP8Experts | PlainWeights, dtype: torch.dtype) -> to
             return dequant_fp8_block(w.weight, w.scale, w.block_size, dtype)
         return dequant_fp8_scaled(w.weight, w.scale.reshape(*w.scale.shape, 1), dtype)
     kwargs = dict(bits=w.bits, group_size=w.group_size, zero_offset=w.zero_offset, out_dtype=dtype)
+    if w.perm is not None:  # rows sorted at load: decode them as stored, then put them back in order
+        return unsort_rows(dequant_gptq(w.qweight, w.qzeros, w.scales, None, **kwargs), w)
     if not w.g_idx_per_part:
         return dequant_gptq(w.qweight, w.qzeros, w.scales, w.g_idx, **kwargs)  # type: ignore[arg-type]
     values, words = block_shape(w.bits)
@@ -160,8 +166,8 @@ def _kernel_weights(w: Weights | PlainWeights) -> GPTQExperts | FP8Experts | Non
         return FP8Experts(weight=w.weight, scale=w.unit_scale, block_size=None)
     if isinstance(w, GPTQExperts) and w.g_idx_per_part:
         # Only a stacked gate/up weight may carry two row orders (one per half).
-        assert w.g_idx is not None
-        return w if w.qweight.dim() == 3 and w.g_idx.shape[1] == 2 else None
+        rows = w.g_idx if w.g_idx is not None else w.perm
+        return w if w.qweight.dim() == 3 and rows.shape[1] == 2 else None
     return w
 
 
