@@ -4,7 +4,7 @@ One forward pass goes::
 
     record(layer, topk_ids)  # per MoE layer: keeps a reference; capture-safe
     ...                      # at the last MoE layer: one multi-tensor copy into the staging buffer
-    fold(num_tokens, phase)  # once, outside graphs: histogram of the pass, added to the totals
+    fold(num_tokens, phase)  # once, after the pass (or captured in its graph): histogram added to the totals
 
 ``record`` allocates nothing, never syncs and calls no histogram op, so it may run inside
 CUDA-graph capture. The copies are deferred to the pass's last MoE layer
@@ -23,17 +23,16 @@ records, at the last MoE layer: it then reads the pass's token count, phase, tim
 slot from a small device tensor (``pass_params``) that the host writes before each replay
 through a pinned buffer, so a replayed pass costs the host one copy instead of a launch.
 
-Optional per-pass outputs, all updated by the same fold (so still no host sync and nothing
-inside a CUDA graph): a ring of the last ``window`` passes' histograms (``ring``, int32
-``[window, layers, experts]``), per-request-slot counts (``request_counts``, int32 ``[slots,
-layers, experts]``, sized by :meth:`enable_request_slots`; each token's slot comes with the
-pass) and per-layer co-activation pair counts (``coactivation``, int64 ``[layers, experts,
+Optional per-pass outputs, all updated by the same fold (so still no host sync): a ring of
+the last ``window`` passes' histograms (``ring``, int32 ``[window, layers, experts]``),
+per-request-slot counts (``request_counts``, int32 ``[slots, layers, experts]``, sized by
+:meth:`enable_request_slots`; each token's slot comes with the pass) and per-layer co-activation pair counts (``coactivation``, int64 ``[layers, experts,
 experts]``, pair ``a < b`` at ``[layer, a, b]``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -142,6 +141,7 @@ class ExpertCounters:
         # Folds captured into CUDA graphs (see folding_in_graphs).
         self.pass_params = torch.zeros(PASS_PARAMS, dtype=torch.int64, device=self.device)
         self._params_host: _PinnedRing | None = None
+        self._encode_params: Callable[..., list[int]] | None = None  # fold_kernel.encode_pass_params, once captured
         self._graph_token_rows: torch.Tensor | None = None
         self._capturing_folds = False
         self.graph_folds = False
@@ -222,7 +222,7 @@ class ExpertCounters:
     # ------------------------------------------------------------------ folds in CUDA graphs
     @contextmanager
     def folding_in_graphs(self, token_rows: torch.Tensor | None = None) -> Iterator[None]:
-        """While open, a CUDA graph captured of a pass holds the pass's fold too (CUDA, Triton fold).
+        """While open, a CUDA graph captured over a pass holds the pass's fold too (CUDA, Triton fold).
 
         The captured fold reads each replay's token count, phase, time and ring slot from
         ``pass_params``, which :meth:`write_pass_params` fills before the replay; a pass that a graph
