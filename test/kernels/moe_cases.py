@@ -8,6 +8,12 @@ from sglang.srt.enhanced.mixed_precision.kernels.packed_weights import FP8Expert
 from sglang.srt.enhanced.mixed_precision.packing import pack_int32
 
 
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error of a kernel's output against a float64 reference; unwritten (NaN) outputs fail."""
+    assert not torch.isnan(y).any(), "unwritten or invalid outputs"
+    return float((y.double().cpu() - ref.cpu()).norm() / ref.cpu().norm())
+
+
 def make_gptq(gen, e, k, n, bits, group_size, *, act_order=False, sym=False, zero_offset=1, split_g_idx=False,
               device="cpu", scale_dtype=torch.float16) -> GPTQExperts:  # fmt: skip
     """``e`` stacked GPTQ matrices ``[k -> n]`` with random codes, zeros and scales."""

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import dataclasses  # noqa: E402
 
 import pytest  # noqa: E402
-from moe_cases import make_gptq, make_routing  # noqa: E402
+from moe_cases import make_gptq, make_routing, rel_err  # noqa: E402
 from poison import poisoned  # noqa: E402, F401
 
 from sglang.srt.enhanced.mixed_precision.kernels.act_order import sort_act_order, unsort_rows  # noqa: E402
@@ -31,11 +31,6 @@ from sglang.srt.enhanced.mixed_precision.kernels.packed_linear import (  # noqa:
     gptq_linear_ref,
 )
 from sglang.srt.enhanced.mixed_precision.kernels.reference import gptq_dequant_ref  # noqa: E402
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not torch.isnan(y).any(), "unwritten outputs"
-    return float((y.double().cpu() - ref.cpu()).norm() / ref.cpu().norm())
 
 
 @pytest.mark.parametrize(("bits", "group", "k", "split"), [(4, 16, 64, False), (4, 16, 64, True), (8, 32, 96, False),

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # before the kernel module defines its kernel
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
-from moe_cases import make_fp8, make_gptq, make_routing  # noqa: E402
+from moe_cases import make_fp8, make_gptq, make_routing, rel_err  # noqa: E402
 from poison import poisoned  # noqa: E402, F401
 
 from sglang.srt.enhanced.errors import EnhancedError  # noqa: E402
@@ -32,11 +32,6 @@ GEMM = MoEConfig("gemm", GemmConfig(32, 32), GemmConfig(32, 32), block_m=16)
 GROUPED = MoEConfig("grouped", GemmConfig(16, 32), GemmConfig(32, 16), block_m=4)
 # Relative Frobenius error: bf16 activations and a bf16 intermediate (act(gate) * up).
 REL_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not torch.isnan(y).any(), "unwritten or invalid outputs"
-    return float((y.double().cpu() - ref.cpu()).norm() / ref.cpu().norm())
 
 
 GPTQ_CASES = [

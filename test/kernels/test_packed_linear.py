@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # before the kernel module defines its kernel
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
-from moe_cases import make_fp8, make_gptq  # noqa: E402
+from moe_cases import make_fp8, make_gptq, rel_err  # noqa: E402
 from poison import poisoned  # noqa: E402, F401
 
 from sglang.srt.enhanced.errors import EnhancedError  # noqa: E402
@@ -33,11 +33,6 @@ ROWS = LinearConfig(2, 32, 32, split_k=3, use_dot=False)
 def squeeze(w):
     """The first of the stacked matrices, as one dense layer's weight."""
     return type(w)(**{f: (v[0] if isinstance(v, torch.Tensor) else v) for f, v in vars(w).items()})
-
-
-def rel_err(y, ref):
-    assert not torch.isnan(y).any(), "unwritten outputs"
-    return float((y.double().cpu() - ref.cpu()).norm() / ref.cpu().norm())
 
 
 @pytest.mark.parametrize(

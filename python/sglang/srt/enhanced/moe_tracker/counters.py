@@ -26,8 +26,9 @@ through a pinned buffer, so a replayed pass costs the host one copy instead of a
 Optional per-pass outputs, all updated by the same fold (so still no host sync): a ring of
 the last ``window`` passes' histograms (``ring``, int32 ``[window, layers, experts]``),
 per-request-slot counts (``request_counts``, int32 ``[slots, layers, experts]``, sized by
-:meth:`enable_request_slots`; each token's slot comes with the pass) and per-layer co-activation pair counts (``coactivation``, int64 ``[layers, experts,
-experts]``, pair ``a < b`` at ``[layer, a, b]``).
+:meth:`enable_request_slots`; each token's slot comes with the pass) and per-layer
+co-activation pair counts (``coactivation``, int64 ``[layers, experts, experts]``, pair
+``a < b`` at ``[layer, a, b]``).
 """
 
 from __future__ import annotations

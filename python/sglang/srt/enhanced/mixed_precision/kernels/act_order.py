@@ -38,8 +38,7 @@ def part_bounds(w: GPTQExperts) -> tuple[int, ...]:
     MoE kernels' convention without them (``P`` equal parts: gate, up)."""
     if w.bounds:
         return w.bounds
-    rows = w.g_idx if w.g_idx is not None else w.perm
-    parts = rows.shape[-2]
+    parts = w.row_order.shape[-2]
     n = w.out_features
     return tuple(i * n // parts for i in range(parts + 1))
 

@@ -44,6 +44,7 @@ from sglang.srt.enhanced.mixed_precision.kernels.weight_tiles import (
     fp8_scale_uniform,
     gptq_group_mode,
     gptq_plane_mode,
+    gptq_reads_planes,
     gptq_unpack_mode,
 )
 
@@ -346,14 +347,12 @@ class _WeightArgs:
         if isinstance(w, GPTQExperts):
             k = w.in_features
             gs = k if w.group_size == -1 or w.group_size >= k else w.group_size
-            if w.perm is not None and unpack == "planes":  # sorted rows: whole-tile reads gather the activations
-                unpack = "join"
-            self.planes = w.bits != 3 and unpack == "planes"
+            self.planes = gptq_reads_planes(w.bits, unpack, w.perm is not None)
             if self.planes:
                 mode = gptq_plane_mode(w.group_size, k, block_k, w.bits, w.g_idx is not None)
             else:
                 mode = gptq_group_mode(w.group_size, k, block_k, w.g_idx is not None)
-            g = w.g_idx if w.perm is None else w.perm
+            g = w.row_order
             if g is not None and g.dtype != torch.int32:
                 g = g.to(torch.int32)
             half = g is not None and g.dim() == 3
@@ -424,7 +423,7 @@ def _launch_gemv(a, out, zero, topk_ids, topk_w, w, expert_map, n, k, num_expert
 
 def _dot_block_k(w: GPTQExperts | FP8Experts, block_k: int, unpack: str) -> int:
     """Word-plane tiles feed tensor cores ``block_k * bits / 32`` rows deep: at least 16 on a GPU."""
-    if isinstance(w, GPTQExperts) and w.bits != 3 and unpack == "planes" and w.perm is None and not _is_interpreted():
+    if isinstance(w, GPTQExperts) and gptq_reads_planes(w.bits, unpack, w.perm is not None) and not _is_interpreted():
         return max(block_k, 16 * 32 // w.bits)
     return block_k
 

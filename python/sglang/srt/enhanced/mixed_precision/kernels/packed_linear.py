@@ -32,6 +32,7 @@ from sglang.srt.enhanced.mixed_precision.kernels.weight_tiles import (
     fp8_scale_uniform,
     gptq_group_mode,
     gptq_plane_mode,
+    gptq_reads_planes,
     gptq_unpack_mode,
 )
 
@@ -146,15 +147,12 @@ def _weight_args(w: GPTQExperts | FP8Experts, block_k: int, unpack: str) -> tupl
     if isinstance(w, GPTQExperts):
         k = w.in_features
         gs = k if w.group_size == -1 or w.group_size >= k else w.group_size
-        planes = w.bits != 3 and unpack == "planes" and w.perm is None
+        planes = gptq_reads_planes(w.bits, unpack, w.perm is not None)
         if planes:
             mode = gptq_plane_mode(w.group_size, k, block_k, w.bits, w.g_idx is not None)
         else:
             mode = gptq_group_mode(w.group_size, k, block_k, w.g_idx is not None)
-        if w.perm is not None and unpack == "planes":  # sorted rows: whole-tile reads gather the activations
-            unpack = "join"
-        rows = w.g_idx if w.perm is None else w.perm
-        g = rows.to(torch.int32) if rows is not None else None
+        g = w.row_order.to(torch.int32) if w.row_order is not None else None
         ptrs = (w.qweight, w.qzeros, w.scales, g if g is not None else w.qweight)
         strides = (*w.qweight.stride(), *w.qzeros.stride(), *w.scales.stride(), g.stride(0) if g is not None else 0)
         meta = dict(FMT=0, BITS=w.bits, GROUP_MODE=mode, GS=gs if mode == 2 else 1, HAS_G_IDX=w.g_idx is not None,
@@ -190,7 +188,7 @@ def _packed_linear(x, w, bias, fmt: str, config: LinearConfig | None) -> torch.T
         return out.reshape(*lead, n)
     cfg = config or pick_linear_config(fmt, m, n, k, x.device)
     block_k = cfg.block_k
-    planes = isinstance(w, GPTQExperts) and w.bits != 3 and cfg.unpack == "planes" and w.perm is None
+    planes = isinstance(w, GPTQExperts) and gptq_reads_planes(w.bits, cfg.unpack, w.perm is not None)
     if cfg.use_dot and planes and not _is_interpreted():
         block_k = max(block_k, 16 * 32 // w.bits)  # word-plane tiles feed tensor cores bits/32 as deep
     ptrs, scalars, strides, meta = _weight_args(w, block_k, cfg.unpack)

@@ -43,9 +43,14 @@ class GPTQExperts:
     perm: torch.Tensor | None = None  # input feature of each packed row (rows sorted at load), or None
 
     @property
+    def row_order(self) -> torch.Tensor | None:
+        """The per-input-row tensor the weight carries: ``g_idx`` (stored order) or ``perm`` (sorted), or None."""
+        return self.g_idx if self.g_idx is not None else self.perm
+
+    @property
     def g_idx_per_part(self) -> bool:
         """True when ``g_idx`` (or ``perm``) has one row per fused part (``[..., P, K]``)."""
-        rows = self.g_idx if self.g_idx is not None else self.perm
+        rows = self.row_order
         return rows is not None and rows.dim() == self.qweight.dim()
 
     def expert(self, e: int) -> GPTQExperts:

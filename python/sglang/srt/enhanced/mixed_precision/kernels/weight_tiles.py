@@ -33,6 +33,13 @@ def gptq_unpack_mode(bits: int, unpack: str) -> int:
     return UNPACK_MODES.get(unpack, UNPACK_JOIN) if 32 % bits == 0 else UNPACK_GATHER
 
 
+def gptq_reads_planes(bits: int, unpack: str, sorted_rows: bool) -> bool:
+    """Whether a GPTQ tile is read by word planes: asked for (``unpack == "planes"``), 2/4/8 bits, and
+    rows in checkpoint order (rows sorted at load gather their activations, which only the whole-tile
+    reads do; ``gptq_unpack_mode`` gives those reads for "planes")."""
+    return unpack == "planes" and bits != 3 and not sorted_rows
+
+
 def gptq_group_mode(group_size: int, k: int, block_k: int, act_order: bool) -> int:
     """How a ``block_k``-row tile meets the quantization groups (``group_size`` -1 = one group)."""
     gs = k if group_size == -1 or group_size >= k else group_size

@@ -166,8 +166,7 @@ def _kernel_weights(w: Weights | PlainWeights) -> GPTQExperts | FP8Experts | Non
         return FP8Experts(weight=w.weight, scale=w.unit_scale, block_size=None)
     if isinstance(w, GPTQExperts) and w.g_idx_per_part:
         # Only a stacked gate/up weight may carry two row orders (one per half).
-        rows = w.g_idx if w.g_idx is not None else w.perm
-        return w if w.qweight.dim() == 3 and rows.shape[1] == 2 else None
+        return w if w.qweight.dim() == 3 and w.row_order.shape[1] == 2 else None
     return w
 
 
